@@ -1,0 +1,181 @@
+"""Every setting of Conveyor, read from the environment: Celery's first, then Conveyor's own.
+
+Each value says its unit and why it is what it is. A malformed variable stops the process at
+import with an error that names it (``conveyor.settings.ConfigError``). README.md's
+configuration table lists the same variables.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from beat_schedule import BEAT_SCHEDULE
+from conveyor.names import MAINTENANCE, QUEUES, TASK_QUEUES
+from conveyor.settings import ConfigError, env_float, env_int, env_str
+
+# --- Where things live ----------------------------------------------------------------------
+
+#: Redis for events, idempotency keys and (by default) the broker and results.
+redis_url = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+broker_url = env_str("CELERY_BROKER_URL", redis_url)
+result_backend = env_str("CELERY_RESULT_BACKEND", redis_url)
+
+# --- Serialization: JSON only. Pickle in a message is remote code execution (CVE-2021-23727). -
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+event_serializer = "json"
+
+# --- Queues and routing ---------------------------------------------------------------------
+# One direct exchange per queue, routed by task name from conveyor.names (the one source).
+# A task sent to a queue nobody declared is an error, not a silently created queue.
+task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
+task_routes = {name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()}
+task_default_queue = MAINTENANCE
+task_create_missing_queues = False
+#: Redis serves priority 0 first. Unprioritised jobs sit in the middle (5) so a caller can
+#: both hurry (0-4) and defer (6-9) a job.
+task_default_priority = 5
+
+# --- Delivery guarantees --------------------------------------------------------------------
+# Acknowledge after the task ran, and give a job back when its worker process dies, so a
+# killed worker loses nothing (celery#1628, #3541). Redelivery is capped by
+# conveyor_max_deliveries, after which the job goes to dead_letters instead of looping.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# A task that failed for good is acknowledged: its failure is recorded in dead_letters.
+task_acks_on_failure_or_timeout = True
+# Long jobs must not sit behind a prefetched backlog; pools that batch raise this themselves.
+worker_prefetch_multiplier = 1
+# When the broker connection drops, running acks_late jobs cannot be acknowledged any more and
+# will be redelivered: cancel them instead of finishing them twice.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+#: Seconds a worker may hold a message unacknowledged before Redis hands it to another worker.
+#: This is also how long a job of a SIGKILLed worker waits before it runs again. It must exceed
+#: the longest hard time limit plus the longest retry delay (a retry waits, unacknowledged, in
+#: the worker until its ETA), or a healthy long job is delivered twice (celery#2599, kombu#337).
+visibility_timeout = env_int("CONVEYOR_VISIBILITY_TIMEOUT", 1800, minimum=1)
+_redis_transport = {
+    "visibility_timeout": visibility_timeout,
+    # Sweep for abandoned messages every unacked_restore_interval s (not 10 x that).
+    "unacked_restore_interval": min(10, visibility_timeout),
+    "unacked_restore_throttle": 1,
+    # Four lists per queue; a priority 0-9 is served from the nearest step.
+    "priority_steps": [0, 3, 6, 9],
+    "sep": ":",
+    "queue_order_strategy": "priority",
+    # Notice a half-open connection within about a minute instead of never.
+    "health_check_interval": 25,
+    "socket_timeout": 30,
+    "socket_connect_timeout": 5,
+}
+broker_transport_options = dict(_redis_transport)
+result_backend_transport_options = {"visibility_timeout": visibility_timeout}
+broker_connection_retry_on_startup = True
+#: Attempts to reach the broker before a process gives up (one every few seconds).
+broker_connection_max_retries = env_int("CONVEYOR_BROKER_MAX_RETRIES", 100, minimum=0)
+
+#: Our consumer dead-letters the messages Celery refuses (pickle, unknown task) instead of
+#: dropping them.
+worker_consumer = "workers.consumer:Consumer"
+
+# --- Results --------------------------------------------------------------------------------
+#: Seconds a finished job's result envelope is kept in Redis (Redis must never have to evict).
+result_expires = env_int("CONVEYOR_RESULT_TTL", 86_400, minimum=60)
+result_extended = True
+# STARTED tells a caller the job left the queue; Flower shows it too.
+task_track_started = True
+
+# --- Monitoring: Flower sees every job from sent to done. --------------------------------------
+worker_send_task_events = True
+task_send_sent_event = True
+#: Seconds an events queue of a gone monitor lives, so a stopped Flower leaves no growing queue.
+event_queue_expires = 60.0
+
+# --- Beat: one lock-holding scheduler (celery-redbeat), so two beats never both fire. --------
+beat_scheduler = "redbeat.RedBeatScheduler"
+beat_schedule = BEAT_SCHEDULE
+redbeat_redis_url = env_str("CONVEYOR_BEAT_REDIS_URL", redis_url)
+redbeat_key_prefix = "conveyor:beat:"
+#: Seconds before another beat may take over from one that stopped renewing its lock.
+redbeat_lock_timeout = env_int("CONVEYOR_BEAT_LOCK_TIMEOUT", 60, minimum=5)
+redbeat_redis_options = {"socket_timeout": 30, "socket_connect_timeout": 5}
+beat_max_loop_interval = 5
+timezone = "UTC"
+enable_utc = True
+
+# --- Conveyor's own settings ------------------------------------------------------------------
+
+#: ``dev`` relaxes what production must have (authentication on Flower); anything else is prod.
+conveyor_env = env_str("CONVEYOR_ENV", "prod")
+#: SQLAlchemy URL of the Postgres database holding episodes, executions and dead letters.
+conveyor_database_url = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/conveyor")
+#: Bytes a payload may take as compact JSON; checked at submit and again on receipt.
+conveyor_max_payload_bytes = env_int("CONVEYOR_MAX_PAYLOAD_BYTES", 256 * 1024, minimum=1024)
+#: Seconds an idempotency key keeps returning the job it first created.
+conveyor_idempotency_ttl = env_int("CONVEYOR_IDEMPOTENCY_TTL", 86_400, minimum=1)
+#: Deliveries of one attempt of a job (a worker died under it each time) before it is
+#: dead-lettered as poison instead of being handed out again.
+conveyor_max_deliveries = env_int("CONVEYOR_MAX_DELIVERIES", 5, minimum=1)
+#: Retries of a job that keeps failing with a retryable error, before it is dead-lettered.
+conveyor_max_retries = env_int("CONVEYOR_MAX_RETRIES", 6, minimum=0)
+#: Exponential backoff between retries (seconds): base x 2^attempt with jitter, capped.
+conveyor_retry_base_s = env_float("CONVEYOR_RETRY_BASE", 1.0, minimum=0.0)
+conveyor_retry_cap_s = env_float("CONVEYOR_RETRY_CAP", 120.0, minimum=0.0)
+#: Events kept per job in its replay stream (approximate cap, as XADD MAXLEN ~).
+conveyor_event_stream_maxlen = env_int("CONVEYOR_EVENT_STREAM_MAXLEN", 1000, minimum=10)
+#: Seconds a job's event stream is kept after its last event.
+conveyor_event_ttl = env_int("CONVEYOR_EVENT_TTL", 86_400, minimum=60)
+
+
+def _pool(
+    name: str,
+    pool: str,
+    concurrency: int,
+    prefetch: int,
+    time_limit: int,
+    max_tasks_per_child: int | None = None,
+) -> dict:
+    """One pool's spec; each number can be overridden by ``CONVEYOR_<POOL>_<SETTING>``."""
+    var = f"CONVEYOR_{name.upper()}_"
+    hard = env_int(var + "TIME_LIMIT", time_limit, minimum=1)
+    return {
+        "queues": [name],
+        "pool": env_str(var + "POOL", pool),
+        "concurrency": env_int(var + "CONCURRENCY", concurrency, minimum=1),
+        "prefetch_multiplier": env_int(var + "PREFETCH", prefetch, minimum=1),
+        # Seconds. The soft limit raises inside the task first, so it can report and clean up.
+        "time_limit": hard,
+        "soft_time_limit": max(1, hard * 4 // 5),
+        # Recycle processes after this many jobs to bound slow leaks (prefork only).
+        "max_tasks_per_child": max_tasks_per_child,
+    }
+
+
+#: The worker pools: what each consumes, how, and how much at once.
+#: ``ai`` and ``n8n`` wait on HTTP, so threads (their deadlines are request timeouts);
+#: ``episodes`` and ``maintenance`` touch Postgres in short bursts, so a few processes.
+conveyor_pools = {
+    "ai": _pool("ai", "threads", concurrency=32, prefetch=1, time_limit=300),
+    "n8n": _pool("n8n", "threads", concurrency=16, prefetch=1, time_limit=120),
+    "episodes": _pool(
+        "episodes", "prefork", concurrency=2, prefetch=4, time_limit=60, max_tasks_per_child=10_000
+    ),
+    "maintenance": _pool(
+        "maintenance",
+        "prefork",
+        concurrency=1,
+        prefetch=1,
+        time_limit=300,
+        max_tasks_per_child=1_000,
+    ),
+}
+
+_longest_hold = max(p["time_limit"] for p in conveyor_pools.values()) + conveyor_retry_cap_s
+if visibility_timeout <= _longest_hold:
+    raise ConfigError(
+        f"CONVEYOR_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard time limit "
+        f"plus CONVEYOR_RETRY_CAP ({_longest_hold:g} s), or long jobs are delivered twice"
+    )

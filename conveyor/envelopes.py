@@ -1,0 +1,43 @@
+"""The event and result envelopes of DESIGN.md: what dashboards and callers read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+EventType = Literal["update", "error", "complete"]
+
+#: Event families: component and the prefix of their event names.
+#: ``maintenance`` is ours (the first job); the other three are DESIGN.md's.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "ai": ("ai", "ai_generation"),
+    "n8n": ("workflow", "workflow_execution"),
+    "episodes": ("logging", "episode"),
+    "maintenance": ("maintenance", "maintenance"),
+}
+
+#: Event types that end a job's stream: a follower stops after one of them.
+TERMINAL_TYPES = frozenset({"complete", "error"})
+
+
+def utc_now_iso() -> str:
+    """``2026-11-22T10:00:00.000Z``: milliseconds, UTC, the form dashboards parse."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def result_envelope(
+    job_id: str,
+    *,
+    success: bool,
+    data: dict[str, Any] | None = None,
+    error: str | None = None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "success": success,
+        "data": data if data is not None else {},
+        "error": error,
+        "timestamp": timestamp or utc_now_iso(),
+        "request_id": job_id,
+    }

@@ -1,0 +1,27 @@
+"""Errors a submitting service can catch."""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base of every error Conveyor raises to a caller."""
+
+
+class UnknownTaskError(ConveyorError, KeyError):
+    """The task name is not one of Conveyor's public tasks."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class PayloadError(ConveyorError, ValueError):
+    """A payload does not fit its task's schema; ``problems`` lists each bad field."""
+
+    def __init__(self, task: str, problems: list[str]):
+        self.task = task
+        self.problems = problems
+        super().__init__(f"invalid payload for {task}: " + "; ".join(problems))
+
+
+class JobFailed(ConveyorError):
+    """Raised by ``Job.result(raise_on_failure=True)`` when the job ended in failure."""

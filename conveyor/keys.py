@@ -1,0 +1,48 @@
+"""Every Redis key Conveyor itself writes, named in one place.
+
+Celery's and kombu's own keys (queues, ``unacked``, ``celery-task-meta-*``) are theirs;
+these are ours. All of ours start with ``conveyor:`` and all but the dead-letter spill carry a TTL.
+"""
+
+from __future__ import annotations
+
+PREFIX = "conveyor"
+
+
+def events_channel(job_id: str) -> str:
+    """Pub/sub channel of one job's events, for live listeners."""
+    return f"{PREFIX}:events:{job_id}"
+
+
+def events_stream(job_id: str) -> str:
+    """Capped stream of one job's events, for listeners that join late and replay."""
+    return f"{PREFIX}:stream:{job_id}"
+
+
+def events_seq(job_id: str) -> str:
+    """Counter behind the ``seq`` of one job's events."""
+    return f"{PREFIX}:seq:{job_id}"
+
+
+#: Pattern a dashboard subscribes to (PSUBSCRIBE) to follow every job.
+EVENTS_PATTERN = f"{PREFIX}:events:*"
+
+
+def idempotency(task_name: str, key: str) -> str:
+    """Maps a caller's idempotency key to the job it created, for the idempotency window."""
+    return f"{PREFIX}:idem:{task_name}:{key}"
+
+
+def deliveries(job_id: str, attempt: int) -> str:
+    """How many times one attempt of a job was delivered: caps redelivery of poison."""
+    return f"{PREFIX}:deliveries:{job_id}:{attempt}"
+
+
+#: Dead letters that could not be written to Postgres wait here (a list of JSON objects)
+#: until ``maintenance.flush_dead_letters`` moves them. No TTL: nothing is dropped.
+DEAD_LETTER_SPILL = f"{PREFIX}:dead_letters:spill"
+#: Held (with a TTL) by the one process moving the spill to Postgres.
+DEAD_LETTER_FLUSH_LOCK = f"{PREFIX}:dead_letters:flush-lock"
+
+#: Latest queue lengths, a hash written by ``maintenance.queue_metrics``.
+QUEUE_METRICS = f"{PREFIX}:metrics:queues"

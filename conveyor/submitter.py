@@ -1,0 +1,300 @@
+"""The thin submitter: how other Python services hand work to Conveyor.
+
+It validates a payload against its task's schema before anything is enqueued, and enqueues
+by task *name*: nothing from ``tasks/`` or ``workers/`` is imported, so a submitting service
+needs neither the workers' code nor their dependencies.
+
+    from conveyor import Submitter
+
+    submitter = Submitter()                       # REDIS_URL / CELERY_BROKER_URL from the env
+    job = submitter.submit("ai.chat", {"messages": [{"role": "user", "content": "hi"}]})
+    for event in job.events():                    # replay, then follow live, until it ends
+        print(event["event"], event["data"])
+    print(job.result(timeout=60))                 # the result envelope
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from conveyor import keys
+from conveyor.envelopes import TERMINAL_TYPES, result_envelope
+from conveyor.errors import ConveyorError, JobFailed, PayloadError
+from conveyor.names import queue_for
+from conveyor.schemas import schema_for, validate_payload
+
+#: Characters of a payload shown in Flower and worker logs (``argsrepr``): prompts can be long.
+_ARGSREPR_CHARS = 200
+
+
+class Job:
+    """A handle on one submitted job: its id, state, result envelope and events."""
+
+    def __init__(self, submitter: Submitter, job_id: str, task: str, *, duplicate: bool = False):
+        self.id = job_id
+        self.task = task
+        #: True when an earlier submit with the same idempotency key created this job.
+        self.duplicate = duplicate
+        self._submitter = submitter
+
+    def __repr__(self) -> str:
+        return f"<Job {self.task} {self.id}>"
+
+    def _async_result(self) -> AsyncResult:
+        return AsyncResult(self.id, app=self._submitter.app)
+
+    def status(self) -> str:
+        """Celery's state: PENDING (queued or unknown), STARTED, RETRY, SUCCESS or FAILURE."""
+        return self._async_result().state
+
+    def result(
+        self, timeout: float | None = None, *, raise_on_failure: bool = False
+    ) -> dict[str, Any]:
+        """Wait for the job to end; its result envelope (``success`` false when it failed).
+
+        Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds.
+        """
+        async_result = self._async_result()
+        try:
+            value = async_result.get(timeout=timeout, propagate=False)
+        except Exception as exc:  # celery.exceptions.TimeoutError is not the builtin
+            if type(exc).__name__ == "TimeoutError":
+                raise TimeoutError(f"job {self.id} did not finish within {timeout} s") from None
+            raise
+        if async_result.successful() and isinstance(value, dict) and "success" in value:
+            return value
+        envelope = result_envelope(
+            self.id,
+            success=False,
+            error=_describe_failure(value),
+            timestamp=_iso(async_result.date_done),
+        )
+        if raise_on_failure:
+            raise JobFailed(envelope["error"])
+        return envelope
+
+    def events(self, *, timeout: float | None = None, since: str = "0") -> Iterator[dict[str, Any]]:
+        """The job's events from the first (replayed from its stream), then live, until a
+        ``complete`` or ``error`` event; stops early after ``timeout`` seconds of waiting."""
+        client = self._submitter.redis
+        stream = keys.events_stream(self.id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_id = since
+        while True:
+            block_ms = 1000
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                block_ms = max(1, min(block_ms, int(left * 1000)))
+            for _, entries in client.xread({stream: last_id}, block=block_ms, count=100) or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    event = json.loads(fields[b"event"])
+                    yield event
+                    if event["type"] in TERMINAL_TYPES:
+                        return
+
+
+class Submitter:
+    """Validates and enqueues jobs. One per process is enough; it is thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        broker_url: str | None = None,
+        redis_url: str | None = None,
+        result_backend: str | None = None,
+    ):
+        import celeryconfig  # plain settings module: no task code behind it
+
+        self.app = Celery("conveyor-submitter", set_as_current=False)
+        self.app.config_from_object(celeryconfig)
+        overrides = {"broker_url": broker_url, "result_backend": result_backend or redis_url}
+        self.app.conf.update({k: v for k, v in overrides.items() if v})
+        self.redis = redis.Redis.from_url(
+            redis_url or celeryconfig.redis_url, socket_timeout=30, socket_connect_timeout=5
+        )
+        self._max_bytes: int = celeryconfig.conveyor_max_payload_bytes
+        self._idempotency_ttl: int = celeryconfig.conveyor_idempotency_ttl
+
+    def validate(self, task: str, payload: Any) -> None:
+        """Raise ``UnknownTaskError`` or ``PayloadError`` exactly as ``submit`` would."""
+        validate_payload(task, payload, max_bytes=self._max_bytes)
+
+    def submit(
+        self,
+        task: str,
+        payload: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+    ) -> Job:
+        """Enqueue one job. With an ``idempotency_key`` already used for ``task`` within the
+        idempotency window, nothing is enqueued and the first job is returned."""
+        return self.submit_many(
+            task,
+            [payload],
+            idempotency_keys=[idempotency_key],
+            priority=priority,
+            countdown=countdown,
+            eta=eta,
+        )[0]
+
+    def submit_many(
+        self,
+        task: str,
+        payloads: Iterable[dict[str, Any]],
+        *,
+        idempotency_keys: Iterable[str | None] | None = None,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+    ) -> list[Job]:
+        """Validate every payload first (one bad payload enqueues nothing), then send them all
+        over one broker connection. Jobs come back in the order of ``payloads``."""
+        payloads = list(payloads)
+        idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
+        if len(idem) != len(payloads):
+            raise ValueError("idempotency_keys must have one entry per payload")
+        _check_priority(priority)
+        schema_for(task)  # unknown task: refuse before anything else
+        problems: list[str] = []
+        for index, payload in enumerate(payloads):
+            try:
+                self.validate(task, payload)
+            except PayloadError as exc:
+                where = f"payload[{index}]: " if len(payloads) > 1 else ""
+                problems += [where + p for p in exc.problems]
+        if problems:
+            raise PayloadError(task, problems)
+
+        job_ids = [str(uuid.uuid4()) for _ in payloads]
+        existing = self._claim_idempotency_keys(task, idem, job_ids)
+        to_send = [i for i, prior in enumerate(existing) if prior is None]
+        try:
+            self._send(
+                task,
+                [(job_ids[i], payloads[i]) for i in to_send],
+                priority=priority,
+                countdown=countdown,
+                eta=eta,
+            )
+        except Exception as exc:
+            self._release_idempotency_keys(
+                task, [idem[i] for i in to_send], [job_ids[i] for i in to_send]
+            )
+            raise ConveyorError(f"could not enqueue {task}: {exc}") from exc
+        return [
+            Job(self, prior, task, duplicate=True)
+            if prior is not None
+            else Job(self, job_ids[i], task)
+            for i, prior in enumerate(existing)
+        ]
+
+    def job(self, job_id: str, task: str = "") -> Job:
+        """A handle on a job submitted earlier (by any process)."""
+        return Job(self, job_id, task)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _claim_idempotency_keys(
+        self, task: str, idem: list[str | None], job_ids: list[str]
+    ) -> list[str | None]:
+        """For each payload: None when it is new (key claimed or no key), else the prior job id."""
+        claimed = [i for i, key in enumerate(idem) if key is not None]
+        if not claimed:
+            return [None] * len(idem)
+        pipe = self.redis.pipeline(transaction=False)
+        for i in claimed:
+            pipe.set(keys.idempotency(task, idem[i]), job_ids[i], nx=True, ex=self._idempotency_ttl)
+            pipe.get(keys.idempotency(task, idem[i]))
+        replies = pipe.execute()
+        result: list[str | None] = [None] * len(idem)
+        seen: dict[str, str] = {}
+        for n, i in enumerate(claimed):
+            won, holder = replies[2 * n], replies[2 * n + 1]
+            key = idem[i]
+            if key in seen:  # the same key twice in one batch: one job
+                result[i] = seen[key]
+            elif not won:
+                result[i] = holder.decode()
+            else:
+                seen[key] = job_ids[i]
+        return result
+
+    def _release_idempotency_keys(
+        self, task: str, idem: list[str | None], job_ids: list[str]
+    ) -> None:
+        """Undo claims of jobs that never reached the broker, so a retry can enqueue them."""
+        for key, job_id in zip(idem, job_ids, strict=True):
+            if key is not None and self.redis.get(keys.idempotency(task, key)) == job_id.encode():
+                self.redis.delete(keys.idempotency(task, key))
+
+    def _send(
+        self,
+        task: str,
+        jobs: list[tuple[str, dict[str, Any]]],
+        *,
+        priority: int | None,
+        countdown: float | None,
+        eta: datetime | None,
+    ) -> None:
+        if not jobs:
+            return
+        queue = queue_for(task)
+        if priority is None:
+            priority = self.app.conf.task_default_priority  # send_task does not apply it itself
+        with self.app.producer_or_acquire() as producer:
+            for job_id, payload in jobs:
+                self.app.send_task(
+                    task,
+                    args=(payload,),
+                    task_id=job_id,
+                    queue=queue,
+                    routing_key=queue,
+                    priority=priority,
+                    countdown=countdown,
+                    eta=eta,
+                    producer=producer,
+                    argsrepr=_short(payload),
+                )
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
+
+
+def _check_priority(priority: int | None) -> None:
+    if priority is not None and (not isinstance(priority, int) or not 0 <= priority <= 9):
+        raise ValueError(
+            f"priority must be a whole number from 0 (served first) to 9, not {priority!r}"
+        )
+
+
+def _short(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, ensure_ascii=False, default=str)
+    return text if len(text) <= _ARGSREPR_CHARS else text[:_ARGSREPR_CHARS] + "…"
+
+
+def _describe_failure(value: Any) -> str:
+    if isinstance(value, BaseException):
+        return str(value) or type(value).__name__
+    return f"job ended without a result envelope: {value!r}"
+
+
+def _iso(when: datetime | None) -> str | None:
+    if when is None:
+        return None
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"

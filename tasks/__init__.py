@@ -1,0 +1,1 @@
+"""Task definitions, one module per job family. Bodies stay thin: validate, call, report."""

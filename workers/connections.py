@@ -1,0 +1,49 @@
+"""Process-wide clients for Redis and Postgres, created on first use.
+
+Created lazily so a prefork parent never opens a socket its children would inherit;
+``reset()`` runs in every fresh child (see ``workers.app``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import redis
+from sqlalchemy import Engine, create_engine
+
+from workers.app import app
+
+
+def database_url(url: str | None = None) -> str:
+    """A SQLAlchemy URL for psycopg2, whichever spelling of Postgres URL was configured."""
+    url = url or app.conf.conveyor_database_url
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+@functools.cache
+def redis_client() -> redis.Redis:
+    # Timeouts so a vanished Redis fails a call (and the job retries) instead of hanging it.
+    return redis.Redis.from_url(
+        app.conf.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=25
+    )
+
+
+@functools.cache
+def engine() -> Engine:
+    return create_engine(
+        database_url(),
+        pool_pre_ping=True,  # a connection broken by a Postgres restart is replaced, not used
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5, "application_name": "conveyor"},
+    )
+
+
+def reset() -> None:
+    if engine.cache_info().currsize:
+        engine().dispose(close=False)
+    engine.cache_clear()
+    redis_client.cache_clear()

@@ -1,0 +1,202 @@
+"""The one wrapper every public task runs through.
+
+``@job("ai.chat", family="ai")`` turns a plain function ``fn(ctx, payload) -> dict`` into a
+Celery task that: caps redelivery of a message that keeps killing its worker; validates the
+payload against the task's schema; publishes start / progress / complete / error events;
+retries what ``workers.failures.classify`` calls retryable, with capped exponential backoff
+and jitter (or the delay the failure asked for); and puts what failed for good into
+``dead_letters``. The function itself knows nothing of Celery.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+
+from conveyor import keys
+from conveyor.envelopes import FAMILIES, EventType, result_envelope
+from conveyor.errors import JobFailed, PayloadError
+from conveyor.schemas import validate_payload
+from conveyor.schemas.common import Payload
+from workers import connections
+from workers.app import app
+from workers.events import EventPublisher
+from workers.failures import Permanent, Poison, Retryable, classify, compute_backoff
+from workers.store import dead_letters
+
+log = logging.getLogger(__name__)
+
+#: Seconds a delivery counter lives: far longer than any job can be redelivered over.
+_DELIVERY_COUNTER_TTL = 7 * 86_400
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a job function may know and do besides its payload."""
+
+    job_id: str
+    task_name: str
+    #: 0 on the first attempt, n on the n-th retry.
+    attempt: int
+    component: str
+    event_prefix: str
+    publisher: EventPublisher
+
+    def emit(self, suffix: str, data: dict[str, Any], *, type: EventType = "update") -> None:
+        """Publish ``<prefix>_<suffix>`` (e.g. ``ai_generation_progress``) for this job."""
+        self.publisher.publish(
+            self.job_id,
+            type=type,
+            component=self.component,
+            event=f"{self.event_prefix}_{suffix}",
+            data=data,
+        )
+
+    def progress(self, **data: Any) -> None:
+        self.emit("progress", data)
+
+
+JobFunction = Callable[[JobContext, Any], dict[str, Any]]
+
+
+@functools.cache
+def publisher() -> EventPublisher:
+    conf = app.conf
+    return EventPublisher(
+        connections.redis_client(),
+        stream_maxlen=conf.conveyor_event_stream_maxlen,
+        ttl_s=conf.conveyor_event_ttl,
+    )
+
+
+def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction], Task]:
+    """Register ``fn(ctx, payload)`` as the public task ``name`` of a family in ``FAMILIES``."""
+    component, prefix = FAMILIES[family]
+
+    def register(fn: JobFunction) -> Task:
+        @functools.wraps(fn)
+        def run(task: Task, payload: Any) -> dict[str, Any]:
+            ctx = JobContext(
+                job_id=task.request.id,
+                task_name=name,
+                attempt=task.request.retries,
+                component=component,
+                event_prefix=prefix,
+                publisher=publisher(),
+            )
+            return _run(task, ctx, fn, payload)
+
+        # max_retries=None: Celery must not cap retries on its own; _run counts them.
+        return app.task(name=name, bind=True, max_retries=None, **task_options)(run)
+
+    return register
+
+
+def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict[str, Any]:
+    conf = task.app.conf
+    try:
+        _check_deliveries(ctx, conf.conveyor_max_deliveries)
+        payload = _validate(ctx.task_name, raw_payload, conf.conveyor_max_payload_bytes)
+        ctx.emit("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
+        data = fn(ctx, payload)
+    except Exception as exc:
+        verdict = classify(exc)
+        if isinstance(verdict, Retryable) and ctx.attempt < conf.conveyor_max_retries:
+            raise _retry(task, ctx, verdict) from None
+        _fail(task, ctx, raw_payload, verdict)
+    ctx.emit("complete", data, type="complete")
+    return result_envelope(ctx.job_id, success=True, data=data)
+
+
+def _check_deliveries(ctx: JobContext, limit: int) -> None:
+    """Count this delivery; a message whose worker died under it ``limit`` times is poison."""
+    counter = keys.deliveries(ctx.job_id, ctx.attempt)
+    pipe = connections.redis_client().pipeline()
+    pipe.incr(counter)
+    pipe.expire(counter, _DELIVERY_COUNTER_TTL)
+    delivered = pipe.execute()[0]
+    if delivered > limit:
+        raise Poison(
+            f"delivered {delivered} times without finishing (limit {limit}): "
+            "its worker died each time"
+        )
+
+
+def _validate(task_name: str, raw_payload: Any, max_bytes: int) -> Payload:
+    try:
+        return validate_payload(task_name, raw_payload, max_bytes=max_bytes)
+    except PayloadError as exc:
+        raise Poison(str(exc)) from None
+
+
+def _retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
+    conf = task.app.conf
+    delay = verdict.delay_s
+    if delay is None:
+        delay = compute_backoff(
+            ctx.attempt, base_s=conf.conveyor_retry_base_s, cap_s=conf.conveyor_retry_cap_s
+        )
+    delay = min(delay, conf.conveyor_retry_cap_s)
+    log.warning(
+        "job %s (%s) attempt %d failed, retrying in %.2fs: %s",
+        ctx.job_id,
+        ctx.task_name,
+        ctx.attempt + 1,
+        delay,
+        verdict,
+    )
+    _emit_quietly(
+        ctx,
+        "progress",
+        {
+            "retrying": True,
+            "attempt": ctx.attempt + 1,
+            "next_attempt_in_s": round(delay, 3),
+            "error": str(verdict),
+        },
+    )
+    # throw=False: Celery's Retry comes back to be raised by the caller, outside its try.
+    return task.retry(countdown=delay, throw=False)
+
+
+def _fail(task: Task, ctx: JobContext, raw_payload: Any, verdict: Retryable | Permanent) -> None:
+    """Record a job that failed for good, tell its listeners, and fail the Celery task."""
+    reason = verdict.reason if isinstance(verdict, Permanent) else "exhausted"
+    attempts = ctx.attempt + 1
+    message = (
+        str(verdict) if reason != "exhausted" else f"gave up after {attempts} attempts: {verdict}"
+    )
+    log.error("job %s (%s) failed for good (%s): %s", ctx.job_id, ctx.task_name, reason, message)
+    delivery = task.request.delivery_info or {}
+    dead_letters.record(
+        connections.engine(),
+        connections.redis_client(),
+        {
+            "job_id": ctx.job_id,
+            "task": ctx.task_name,
+            "queue": delivery.get("routing_key"),
+            "payload": raw_payload,
+            "reason": reason,
+            "error": message,
+            "attempts": attempts,
+        },
+    )
+    _emit_quietly(
+        ctx, "error", {"error": message, "reason": reason, "attempts": attempts}, type="error"
+    )
+    raise JobFailed(message)
+
+
+def _emit_quietly(
+    ctx: JobContext, suffix: str, data: dict[str, Any], *, type: EventType = "update"
+) -> None:
+    """An event about a failure must not turn into a second failure (Redis may be the cause)."""
+    try:
+        ctx.emit(suffix, data, type=type)
+    except Exception:
+        log.exception("could not publish %s_%s for job %s", ctx.event_prefix, suffix, ctx.job_id)

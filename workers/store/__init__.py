@@ -1,0 +1,1 @@
+"""Postgres storage: models, migrations, and one module per table's writes and reads."""
