@@ -44,8 +44,10 @@ task_default_priority = 5
 # conveyor_max_deliveries, after which the job goes to dead_letters instead of looping.
 task_acks_late = True
 task_reject_on_worker_lost = True
-# A task that failed for good is acknowledged: its failure is recorded in dead_letters.
-task_acks_on_failure_or_timeout = True
+# A task that failed for good, or overran its hard time limit (having ignored the soft one that
+# makes it retry), is acknowledged: workers.jobs records it in dead_letters.
+task_acks_on_failure = True
+task_acks_on_timeout = True
 # Long jobs must not sit behind a prefetched backlog; pools that batch raise this themselves.
 worker_prefetch_multiplier = 1
 # When the broker connection drops, running acks_late jobs cannot be acknowledged any more and

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
+from celery.exceptions import TimeLimitExceeded
 
 from conveyor import keys
 from conveyor.envelopes import FAMILIES, EventType, result_envelope
@@ -74,6 +75,24 @@ def publisher() -> EventPublisher:
     )
 
 
+class JobTask(Task):
+    """Celery's Task, plus a dead letter for a job killed at its hard time limit.
+
+    That kill happens in the pool's parent process, where ``_run`` never sees it.
+    """
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, TimeLimitExceeded):
+            record_dead_letter(
+                self,
+                task_id,
+                args[0] if args else None,
+                "timeout",
+                f"killed at the hard time limit ({exc})",
+                self.request.retries + 1,
+            )
+
+
 def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction], Task]:
     """Register ``fn(ctx, payload)`` as the public task ``name`` of a family in ``FAMILIES``."""
     component, prefix = FAMILIES[family]
@@ -92,7 +111,7 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
             return _run(task, ctx, fn, payload)
 
         # max_retries=None: Celery must not cap retries on its own; _run counts them.
-        return app.task(name=name, bind=True, max_retries=None, **task_options)(run)
+        return app.task(name=name, bind=True, base=JobTask, max_retries=None, **task_options)(run)
 
     return register
 
@@ -172,24 +191,27 @@ def _fail(task: Task, ctx: JobContext, raw_payload: Any, verdict: Retryable | Pe
         str(verdict) if reason != "exhausted" else f"gave up after {attempts} attempts: {verdict}"
     )
     log.error("job %s (%s) failed for good (%s): %s", ctx.job_id, ctx.task_name, reason, message)
-    delivery = task.request.delivery_info or {}
-    dead_letters.record(
-        connections.engine(),
-        connections.redis_client(),
-        {
-            "job_id": ctx.job_id,
-            "task": ctx.task_name,
-            "queue": delivery.get("routing_key"),
-            "payload": raw_payload,
-            "reason": reason,
-            "error": message,
-            "attempts": attempts,
-        },
-    )
+    record_dead_letter(task, ctx.job_id, raw_payload, reason, message, attempts)
     _emit_quietly(
         ctx, "error", {"error": message, "reason": reason, "attempts": attempts}, type="error"
     )
     raise JobFailed(message)
+
+
+def record_dead_letter(
+    task: Task, job_id: str, payload: Any, reason: str, error: str, attempts: int
+) -> None:
+    delivery = task.request.delivery_info or {}
+    row = {
+        "job_id": job_id,
+        "task": task.name,
+        "queue": delivery.get("routing_key"),
+        "payload": payload,
+        "reason": reason,
+        "error": error,
+        "attempts": attempts,
+    }
+    dead_letters.record(connections.engine(), connections.redis_client(), row)
 
 
 def _emit_quietly(
