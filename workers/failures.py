@@ -24,6 +24,14 @@ class Retryable(Exception):
         self.delay_s = delay_s
 
 
+class Deferred(Retryable):
+    """Not now, and not the job's fault (its provider's circuit is open): run it again after
+    ``delay_s`` without spending one of its retries."""
+
+    def __init__(self, message: str, *, delay_s: float):
+        super().__init__(message, delay_s=delay_s)
+
+
 class Permanent(Exception):
     """Trying again cannot help (a caller's 4xx, a bad payload, a workflow that failed)."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Ignore, TimeLimitExceeded
 
 from conveyor import keys
 from conveyor.envelopes import FAMILIES, EventType, result_envelope
@@ -27,7 +27,7 @@ from conveyor.schemas.common import Payload
 from workers import connections
 from workers.app import app
 from workers.events import EventPublisher
-from workers.failures import Permanent, Poison, Retryable, classify, compute_backoff
+from workers.failures import Deferred, Permanent, Poison, Retryable, classify, compute_backoff
 from workers.store import dead_letters
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict
         data = fn(ctx, payload)
     except Exception as exc:
         verdict = classify(exc)
+        if isinstance(verdict, Deferred):
+            raise _defer(task, ctx, raw_payload, verdict) from None
         if isinstance(verdict, Retryable) and ctx.attempt < conf.conveyor_max_retries:
             raise _retry(task, ctx, verdict) from None
         _fail(task, ctx, raw_payload, verdict)
@@ -181,6 +183,29 @@ def _retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
     )
     # throw=False: Celery's Retry comes back to be raised by the caller, outside its try.
     return task.retry(countdown=delay, throw=False)
+
+
+def _defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> Exception:
+    """Send the job again, same id and same attempt number, after the delay; ack this copy."""
+    delay = min(verdict.delay_s or 0.0, task.app.conf.conveyor_retry_cap_s)
+    log.info("job %s (%s) deferred %.2fs: %s", ctx.job_id, ctx.task_name, delay, verdict)
+    _emit_quietly(
+        ctx,
+        "progress",
+        {"deferred": True, "next_attempt_in_s": round(delay, 3), "reason": str(verdict)},
+    )
+    # This delivery ends normally, so it must not count towards the redelivery cap.
+    connections.redis_client().delete(keys.deliveries(ctx.job_id, ctx.attempt))
+    request = task.request
+    task.apply_async(
+        args=(raw_payload,),
+        task_id=ctx.job_id,
+        countdown=delay,
+        retries=ctx.attempt,
+        queue=(request.delivery_info or {}).get("routing_key"),
+        priority=(request.delivery_info or {}).get("priority"),
+    )
+    return Ignore()
 
 
 def _fail(task: Task, ctx: JobContext, raw_payload: Any, verdict: Retryable | Permanent) -> None:
