@@ -11,7 +11,10 @@ from kombu import Exchange, Queue
 
 from beat_schedule import BEAT_SCHEDULE
 from conveyor.names import MAINTENANCE, QUEUES, TASK_QUEUES
-from conveyor.settings import ConfigError, env_float, env_int, env_str
+from conveyor.settings import ConfigError, env_float, env_int, env_str, load_dev_env
+
+# A shell with nothing configured talks to the running `conveyor dev` stack, if there is one.
+load_dev_env()
 
 # --- Where things live ----------------------------------------------------------------------
 

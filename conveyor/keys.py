@@ -46,3 +46,33 @@ DEAD_LETTER_FLUSH_LOCK = f"{PREFIX}:dead_letters:flush-lock"
 
 #: Latest queue lengths, a hash written by ``maintenance.queue_metrics``.
 QUEUE_METRICS = f"{PREFIX}:metrics:queues"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared circuit breakers and rate limits (``workers/breakers.py``, ``workers/ratelimit.py``).
+# One hash per upstream, changed only by Lua scripts on that one key, so every transition is
+# atomic across the fleet (and cluster-safe). Times inside are Redis server time in ms, so
+# workers with skewed clocks agree.
+
+
+def breaker(upstream: str) -> str:
+    """Circuit-breaker state of one upstream (an LLM provider, n8n), shared by every worker.
+
+    Hash fields: ``state`` (``closed`` | ``open`` | ``half-open``; absent = closed),
+    ``failures`` (consecutive system failures), ``gen`` (bumped at every transition and every
+    probe granted, so an outcome reported late never acts on a newer state), ``opened_at_ms``,
+    ``retry_at_ms`` (when the next probe may go: end of the open period, or expiry of the
+    running probe's lease), ``successes`` (pybreaker's success counter). The TTL (at least a
+    day, refreshed on every write) only forgets an idle breaker, which is then closed.
+    """
+    return f"{PREFIX}:breaker:{upstream}"
+
+
+def ratelimit(upstream: str) -> str:
+    """Rate-limit state (GCRA) of one upstream, shared by every worker.
+
+    Hash fields: ``req_tat`` and ``tok_tat``, the theoretical arrival time of the requests and
+    tokens budgets (a budget is full when its TAT is not in the future). Expires once both
+    budgets are full again, which is the same as no state.
+    """
+    return f"{PREFIX}:ratelimit:{upstream}"

@@ -7,6 +7,7 @@ not surface an hour later as a ``ValueError`` deep inside a task.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -61,3 +62,27 @@ def env_bool(name: str, default: bool) -> bool:
     raise ConfigError(
         f"{name}={raw!r} is not a boolean (use one of 1/0, true/false, yes/no, on/off)"
     )
+
+
+def conveyor_home() -> Path:
+    """Where the dev stack keeps its data, logs and ``dev.env`` (``CONVEYOR_HOME``)."""
+    return Path(env_str("CONVEYOR_HOME", ".conveyor"))
+
+
+def dev_env_path() -> Path:
+    return conveyor_home() / "dev.env"
+
+
+def load_dev_env() -> None:
+    """Point this process at a running ``conveyor dev`` stack's servers, when nothing else is
+    configured: with neither REDIS_URL nor DATABASE_URL set, read ``CONVEYOR_HOME/dev.env``
+    (written by the dev stack while it runs, removed when it stops)."""
+    if env_str("REDIS_URL") or env_str("DATABASE_URL"):
+        return
+    path = dev_env_path()
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.removeprefix("export ").partition("=")
+        if sep and name.strip() and not line.lstrip().startswith("#"):
+            os.environ.setdefault(name.strip(), value.strip().strip("'"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -23,7 +22,7 @@ def ping(ctx: JobContext, payload: PingPayload) -> dict[str, Any]:
     while (left := deadline - time.monotonic()) > 0:
         ctx.progress(holding_s=round(left, 1))
         time.sleep(min(1.0, left))
-    return {"pong": payload.message, "worker": socket.gethostname(), "attempt": ctx.attempt + 1}
+    return {"pong": payload.message, "worker": ctx.hostname, "attempt": ctx.attempt + 1}
 
 
 @job("maintenance.queue_metrics", family="maintenance")

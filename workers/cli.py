@@ -115,6 +115,8 @@ def _flower(args: argparse.Namespace, rest: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    if not has_auth:  # dev mode, bound to localhost: let dashboards and tests use the API
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
     app.start(["flower", *flower_args, *rest])
     return 0
 

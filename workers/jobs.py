@@ -47,6 +47,8 @@ class JobContext:
     component: str
     event_prefix: str
     publisher: EventPublisher
+    #: The Celery worker's node name, e.g. ``ai@host``.
+    hostname: str = ""
 
     def emit(self, suffix: str, data: dict[str, Any], *, type: EventType = "update") -> None:
         """Publish ``<prefix>_<suffix>`` (e.g. ``ai_generation_progress``) for this job."""
@@ -107,6 +109,7 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
                 component=component,
                 event_prefix=prefix,
                 publisher=publisher(),
+                hostname=task.request.hostname or "",
             )
             return _run(task, ctx, fn, payload)
 

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from conveyor.schemas.common import Attribution, Name, Payload
+from conveyor.schemas.common import Attribution, Name, Payload, ProviderName
 
 
 class GenerationOptions(Attribution):
-    provider: Name | None = None
+    provider: ProviderName | None = None
     model: Name | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 #: Identifiers of people and sessions as other services send them; bounded, never empty.
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
 
-#: A provider, model or workflow *name*: looked up in configuration, never a URL.
+
+def _not_a_url(value: str) -> str:
+    if "://" in value:
+        raise ValueError("must be a name from configuration, not a URL")
+    return value
+
+
+#: A model or language name (``llama3:8b``, ``meta-llama/Llama-3``), never a URL.
 Name = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$")
+    str,
+    Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]*$"),
+    AfterValidator(_not_a_url),
+]
+
+#: A provider configured by name (``default``, ``local``, ``openai``): no URL can hide in it.
+ProviderName = Annotated[
+    str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ]
 
 
