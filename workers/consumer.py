@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.exceptions import ContentDisallowed
 
 from workers import connections
 from workers.store import dead_letters
@@ -32,7 +33,11 @@ class Consumer(CeleryConsumer):
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        _dead_letter(message, "poison", f"malformed task message: {exc}")
+        # Celery routes a serializer it does not accept (pickle) here too.
+        if isinstance(exc, ContentDisallowed):
+            _dead_letter(message, "refused", f"message refused ({message.content_type}): {exc}")
+        else:
+            _dead_letter(message, "poison", f"malformed task message: {exc}")
         super().on_invalid_task(body, message, exc)
 
 
