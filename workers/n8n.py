@@ -1,0 +1,571 @@
+"""The n8n client: trigger a published workflow's production webhook, then follow its execution.
+
+Plain Python with no Celery in it, so ``tasks/`` stays a thin adapter and this is tested against a
+real HTTP server (``tests/fakes/n8n_server.py``). What n8n 2.x does, as read in its sources
+(``packages/cli/src/webhooks/webhook-helpers.ts``, the public API's ``getExecution`` spec,
+``packages/workflow/src/execution-status.ts``, ``IRunExecutionData`` in ``n8n-workflow``):
+
+- n8n has no public "run workflow by id" endpoint, so a run starts with ``POST /webhook/{path}``.
+  The Webhook node decides the answer: *Immediately* sends ``{"message": "Workflow was started"}``
+  (no execution id), *When last node finishes* sends the last node's first item, *Using 'Respond
+  to Webhook' node* sends whatever that node is given — for an async workflow, by our convention,
+  ``{"executionId": "{{ $execution.id }}"}``.
+- A workflow that fails before answering gets ``500 {"message": "Error in workflow"}``: it *ran*.
+- n8n never de-duplicates webhook calls: a second POST is a second run. Hence the rules below on
+  which failures may be retried, and the ``X-Conveyor-Job-Id`` header a workflow can use to
+  de-duplicate itself (it appears in the Webhook node's output, ``headers``).
+- ``GET /api/v1/executions/{id}?includeData=true`` with ``X-N8N-API-KEY`` returns the execution with
+  ``data.resultData`` = ``{runData: {node: [taskData…]}, lastNodeExecuted, error?}``; statuses are
+  new, running, waiting, success, error, canceled, crashed, unknown.
+
+Failures map onto ``workers.failures``: ``Retryable`` only when n8n cannot have started the
+workflow (or the call is a read); ``Permanent`` when trying again cannot help; and
+``TriggerOutcomeUnknown`` when the request may have started a run we got no answer for, so the
+caller never fires a second time blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from random import Random
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
+from urllib3.exceptions import ProxyError as _Urllib3ProxyError
+
+from conveyor.settings import ConfigError
+from workers.failures import Permanent, Retryable, compute_backoff
+
+ExecutionStatus = Literal[
+    "new", "running", "waiting", "success", "error", "canceled", "crashed", "unknown"
+]
+#: Every status n8n's public API reports (its ``ExecutionStatusList``).
+EXECUTION_STATUSES: frozenset[str] = frozenset(get_args(ExecutionStatus))
+#: n8n's own ``TERMINAL_EXECUTION_STATUSES``: ``waiting`` (a Wait node) resumes later.
+TERMINAL_STATUSES: frozenset[str] = frozenset({"success", "error", "canceled", "crashed"})
+
+#: Sent with every trigger, so a workflow can de-duplicate a redelivered job itself.
+IDEMPOTENCY_HEADER = "X-Conveyor-Job-Id"
+#: The public API's key header. Sent to ``/api/v1`` only: a webhook's workflow sees (and stores
+#: in its execution data) every header it receives.
+API_KEY_HEADER = "X-N8N-API-KEY"
+#: Keys of an early webhook answer that carry the execution id. ``executionId`` is n8n's own
+#: spelling (its chat and form responses); ``execution_id`` is accepted for snake_case workflows.
+#: A bare ``id`` is not: a synchronous workflow's output often has one of its own.
+EXECUTION_ID_KEYS: tuple[str, ...] = ("executionId", "execution_id")
+
+#: A webhook path, as n8n registers it (``orders/summarize``, ``{uuid}/path``, ``user/:id``).
+#: Anything else — a scheme, ``//host``, a leading ``/``, ``..``, ``?``, ``#``, ``%`` — is
+#: refused, so a job can never aim the worker at another host or another n8n endpoint.
+_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*(/[A-Za-z0-9._~:-]+)*")
+_EXECUTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HEADER_VALUE = re.compile(r"[!-~]{1,200}")  # visible ASCII: nothing that can split a header
+
+#: n8n's answers when a webhook's workflow ran (webhook-helpers.ts): retrying would run it again.
+_WORKFLOW_FAILED_MESSAGE = "Error in workflow"
+_EXECUTION_PROBLEM_MESSAGE = "There was a problem executing the workflow"
+
+
+class TriggerOutcomeUnknown(Permanent):
+    """The webhook call was sent but no answer came back (read timeout, dropped connection,
+    a gateway's 504): n8n may be running the workflow. Never retried blindly — the caller
+    reconciles (n8n's executions list; the Webhook node's headers carry ``X-Conveyor-Job-Id``)."""
+
+    reason = "unknown_outcome"
+
+
+class WorkflowFailed(Permanent):
+    """The workflow ran and failed. Running it again would repeat whatever it did first."""
+
+    reason = "workflow_failed"
+
+
+@dataclass(frozen=True)
+class TriggerResult:
+    """n8n's answer to a webhook call: the JSON body (or text), and the execution id when the
+    workflow answered early with one (see ``EXECUTION_ID_KEYS``)."""
+
+    status_code: int
+    body: Any
+    execution_id: str | None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution as n8n's public API reports it.
+
+    ``output`` is the JSON of every item the last executed node produced in its last run, on
+    its first non-empty main output (what n8n's "When last node finishes" response reads from);
+    ``None`` while that is not known (not finished, data not stored, too large to display).
+    ``error_message`` / ``error_node`` are ``data.resultData.error.message`` and
+    ``….error.node.name``, falling back to the first node run that carries an error.
+    """
+
+    id: str
+    status: ExecutionStatus
+    finished: bool
+    workflow_id: str | None
+    started_at: datetime | None
+    stopped_at: datetime | None
+    last_node: str | None
+    output: list[Any] | None
+    error_message: str | None
+    error_node: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return is_terminal(self.status)
+
+
+def is_terminal(status: str) -> bool:
+    """Whether an execution in ``status`` has ended for good (n8n's terminal statuses)."""
+    return status in TERMINAL_STATUSES
+
+
+def next_poll_delay(
+    attempt: int, *, base_s: float, cap_s: float, rng: Random | None = None
+) -> float:
+    """Seconds before poll number ``attempt`` (0-based) of a running execution.
+
+    Short first (most webhooks finish in seconds), backing off to ``cap_s`` so a fleet following
+    long runs does not hammer n8n's API; jittered so executions started together spread out.
+    The same curve as retries (``compute_backoff``), so there is one backoff to tune.
+    """
+    return compute_backoff(attempt, base_s=base_s, cap_s=cap_s, rng=rng)
+
+
+class N8nClient:
+    """One n8n instance: its base URL and API key come from configuration, never from a job.
+
+    One ``requests.Session`` (shared by the worker's threads) with urllib3's retries off: a
+    retried POST would be a second workflow run, so every retry decision is the caller's.
+    Redirects are never followed: they would carry the API key to wherever they point.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        workflow_paths: Mapping[str, str] | None = None,
+        max_connections: int = 16,
+    ):
+        self.base_url = _check_base_url(base_url)
+        self._api_key = api_key or None
+        if connect_timeout_s <= 0 or read_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.read_timeout_s = float(read_timeout_s)
+        self.workflow_paths: dict[str, str] = {}
+        for name, path in (workflow_paths or {}).items():
+            if not _PATH.fullmatch(path) or _has_dot_segment(path):
+                raise ValueError(f"workflow {name!r} maps to {path!r}, which is not a webhook path")
+            self.workflow_paths[name] = path
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update({"Accept": "application/json", "User-Agent": "conveyor-n8n"})
+
+    def __repr__(self) -> str:
+        key = "<set>" if self._api_key else "<unset>"
+        names = sorted(self.workflow_paths)
+        return f"N8nClient(base_url={self.base_url!r}, api_key={key}, workflows={names!r})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> N8nClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resolve_path(self, workflow: str) -> str:
+        """The webhook path for ``workflow``: its mapping in ``N8N_WORKFLOWS``, else itself.
+
+        Never a URL: the host is configuration's alone (no SSRF through a job's payload).
+        """
+        path = self.workflow_paths.get(workflow, workflow)
+        return _check_path(path)
+
+    def trigger(
+        self,
+        path: str,
+        data: Any,
+        *,
+        idempotency_key: str,
+        read_timeout_s: float | None = None,
+    ) -> TriggerResult:
+        """``POST {base}/webhook/{path}`` with ``data`` as JSON; n8n's answer, or why not.
+
+        ``read_timeout_s`` bounds the wait for a synchronous workflow (default: the client's);
+        past it the outcome is unknown, never retried.
+        """
+        path = _check_path(path)
+        if not _HEADER_VALUE.fullmatch(idempotency_key or ""):
+            raise Permanent(f"idempotency key {idempotency_key!r} is not a usable header value")
+        try:
+            body = json.dumps(data, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise Permanent(f"workflow data is not JSON: {exc}") from None
+        read_s = self.read_timeout_s if read_timeout_s is None else float(read_timeout_s)
+        try:
+            response = self._session.post(
+                f"{self.base_url}/webhook/{path}",
+                data=body.encode(),
+                headers={"Content-Type": "application/json", IDEMPOTENCY_HEADER: idempotency_key},
+                timeout=(self.connect_timeout_s, read_s),
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            if _never_sent(exc):
+                raise Retryable(f"n8n unreachable at {self.base_url}: {_describe(exc)}") from exc
+            raise TriggerOutcomeUnknown(
+                f"webhook {path!r} got no answer ({_describe(exc)}) after the request was sent: "
+                f"n8n may be running it. Not retried; look for job {idempotency_key} in n8n's "
+                f"executions ({IDEMPOTENCY_HEADER} header)"
+            ) from exc
+        return _trigger_result(path, idempotency_key, response)
+
+    def get_execution(self, execution_id: str | int) -> Execution:
+        """``GET {base}/api/v1/executions/{id}?includeData=true``: where a run is, and its end."""
+        if not self._api_key:
+            raise Permanent("N8N_API_KEY is not set: cannot read executions from n8n's public API")
+        eid = str(execution_id)
+        if not _EXECUTION_ID.fullmatch(eid):
+            raise Permanent(f"{eid!r} is not an n8n execution id")
+        try:
+            response = self._session.get(
+                f"{self.base_url}/api/v1/executions/{eid}",
+                params={"includeData": "true"},
+                headers={API_KEY_HEADER: self._api_key},
+                timeout=(self.connect_timeout_s, self.read_timeout_s),
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:  # a read: always safe to repeat
+            raise Retryable(f"n8n API unreachable at {self.base_url}: {_describe(exc)}") from exc
+        status = response.status_code
+        body = _parse_body(response)
+        message = _message(body, response)
+        if status == 200 and isinstance(body, dict):
+            return parse_execution(body)
+        if status == 200:
+            raise Permanent(f"n8n API answered execution {eid} with something not JSON: {message}")
+        if status == 401:
+            raise Permanent(f"n8n API refused the key (401: {message}): check N8N_API_KEY")
+        if status == 403:
+            raise Permanent(
+                f"n8n API key may not read executions (403: {message}): "
+                "it needs the execution:read scope"
+            )
+        if status == 404:
+            raise Permanent(
+                f"n8n execution {eid} not found (404: {message}): pruned, not visible to the "
+                "API key's owner, or the public API is disabled"
+            )
+        if status == 429 or status >= 500:
+            raise Retryable(
+                f"n8n API answered {status} for execution {eid}: {message}",
+                delay_s=_retry_after(response),
+            )
+        raise Permanent(f"n8n API answered {status} for execution {eid}: {message}")
+
+
+def parse_execution(doc: Mapping[str, Any]) -> Execution:
+    """An ``Execution`` from the public API's JSON (string or numeric ids, any n8n 1.x/2.x)."""
+    raw_status = doc.get("status")
+    status = raw_status if raw_status in EXECUTION_STATUSES else "unknown"
+    data = doc.get("data")
+    result = data.get("resultData") if isinstance(data, dict) else None
+    result = result if isinstance(result, dict) else {}
+    run_data = result.get("runData") if isinstance(result.get("runData"), dict) else {}
+    last_node = (
+        result.get("lastNodeExecuted") if isinstance(result.get("lastNodeExecuted"), str) else None
+    )
+    error_message, error_node = _error_of(result.get("error"), run_data)
+    if error_node is None and error_message is not None and status == "error":
+        error_node = last_node
+    output = _last_node_output(run_data, last_node) if status == "success" else None
+    workflow_id = doc.get("workflowId")
+    return Execution(
+        id=str(doc.get("id")),
+        status=status,  # type: ignore[arg-type]  # narrowed by EXECUTION_STATUSES
+        finished=bool(doc.get("finished")),
+        workflow_id=None if workflow_id is None else str(workflow_id),
+        started_at=_parse_time(doc.get("startedAt")),
+        stopped_at=_parse_time(doc.get("stoppedAt")),
+        last_node=last_node,
+        output=output,
+        error_message=error_message,
+        error_node=error_node,
+    )
+
+
+def n8n_from_env(environ: Mapping[str, str] | None = None) -> N8nClient | None:
+    """The client configured by the environment, or ``None`` when ``N8N_BASE_URL`` is unset.
+
+    ``N8N_BASE_URL`` n8n's root URL (with its ``N8N_PATH`` prefix if any);
+    ``N8N_API_KEY`` the public API key (needed to follow async runs; never logged or shown);
+    ``N8N_WORKFLOWS`` optional JSON object, workflow name -> webhook path;
+    ``N8N_CONNECT_TIMEOUT`` seconds to open a connection (default 5: a LAN or one region away);
+    ``N8N_READ_TIMEOUT`` seconds to wait for an answer (default 60: a synchronous workflow's
+    whole run, under the n8n pool's soft time limit of 96 s).
+    """
+    env = os.environ if environ is None else environ
+    base_url = _env(env, "N8N_BASE_URL")
+    if base_url is None:
+        return None
+    try:
+        _check_base_url(base_url)
+    except ValueError as exc:
+        raise ConfigError(f"N8N_BASE_URL={base_url!r}: {exc}") from None
+    api_key = _env(env, "N8N_API_KEY")
+    if api_key is not None and not _HEADER_VALUE.fullmatch(api_key):
+        raise ConfigError(
+            "N8N_API_KEY is malformed (spaces or control characters); value not shown"
+        )
+    return N8nClient(
+        base_url,
+        api_key,
+        connect_timeout_s=_env_seconds(env, "N8N_CONNECT_TIMEOUT", 5.0),
+        read_timeout_s=_env_seconds(env, "N8N_READ_TIMEOUT", 60.0),
+        workflow_paths=_env_workflows(env),
+    )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _check_path(path: str) -> str:
+    if not isinstance(path, str) or not _PATH.fullmatch(path) or _has_dot_segment(path):
+        raise Permanent(
+            f"workflow {path!r} is neither a configured workflow name nor a webhook path "
+            "(URLs are never accepted: n8n's address comes from N8N_BASE_URL)"
+        )
+    return path
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(segment in {".", ".."} for segment in path.split("/"))
+
+
+def _check_base_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (they would appear in messages)")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    path = parts.path.rstrip("/")
+    if path.endswith(("/api/v1", "/webhook", "/webhook-test")):
+        raise ValueError("give n8n's root URL, without /api/v1 or /webhook")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """Whether the request cannot have reached n8n: no connection was ever made, or it was
+    refused before sending (bad header, bad URL). Anything else may have started a run."""
+    if isinstance(exc, requests.ConnectTimeout | requests.exceptions.SSLError):
+        return True
+    if isinstance(
+        exc,
+        requests.exceptions.InvalidHeader
+        | requests.exceptions.InvalidURL
+        | requests.exceptions.InvalidSchema
+        | requests.exceptions.MissingSchema,
+    ):
+        return True
+    cause: object = exc.args[0] if exc.args else None
+    for _ in range(4):  # ConnectionError(MaxRetryError(reason=ProxyError(original_error)))
+        if isinstance(cause, MaxRetryError):
+            cause = cause.reason
+        elif isinstance(cause, _Urllib3ProxyError):
+            cause = cause.original_error
+        else:
+            break
+    # urllib3's NewConnectionError (refused, unreachable, DNS) is a ConnectTimeoutError too.
+    return isinstance(exc, requests.ConnectionError) and isinstance(cause, ConnectTimeoutError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _trigger_result(path: str, key: str, response: requests.Response) -> TriggerResult:
+    status = response.status_code
+    body = _parse_body(response)
+    if 200 <= status < 300:
+        return TriggerResult(status, body, _execution_id(body))
+    message = _message(body, response)
+    said = body.get("message") if isinstance(body, dict) else None  # compared without the hint
+    where = f"POST /webhook/{path}"
+    if status == 404:
+        raise Permanent(
+            f"webhook path not registered: is the workflow active/published? ({where}: {message})"
+        )
+    if status in (401, 403):
+        raise Permanent(
+            f"n8n refused the webhook call ({status}: {message}): the workflow's Webhook node "
+            "requires credentials Conveyor does not send"
+        )
+    if status == 500 and said == _WORKFLOW_FAILED_MESSAGE:
+        raise WorkflowFailed(
+            f"workflow at {path!r} failed ({where}: {message}); see n8n's executions for job {key}"
+        )
+    if status == 504 or (status == 500 and said == _EXECUTION_PROBLEM_MESSAGE):
+        raise TriggerOutcomeUnknown(
+            f"{where} answered {status} ({message}): the workflow may have started. Not "
+            f"retried; look for job {key} in n8n's executions ({IDEMPOTENCY_HEADER} header)"
+        )
+    if status == 429 or status >= 500:
+        raise Retryable(f"{where} answered {status}: {message}", delay_s=_retry_after(response))
+    if 300 <= status < 400:
+        raise Permanent(f"{where} answered a redirect ({status}): check N8N_BASE_URL")
+    raise Permanent(f"{where} was refused ({status}): {message}")
+
+
+def _parse_body(response: requests.Response) -> Any:
+    if not response.content:
+        return None
+    if "json" in response.headers.get("Content-Type", ""):
+        try:
+            return response.json()
+        except ValueError:
+            pass
+    return response.text
+
+
+def _message(body: Any, response: requests.Response) -> str:
+    """n8n's own words: ``message`` (and ``hint``) of its error bodies, else the text."""
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        hint = body.get("hint")
+        return f"{body['message']} {hint}" if isinstance(hint, str) and hint else body["message"]
+    if isinstance(body, str):
+        return body.strip()[:300] or response.reason or ""
+    return response.reason or ""
+
+
+def _execution_id(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    for key in EXECUTION_ID_KEYS:
+        value = body.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """``Retry-After`` in seconds (capped at 120 s: a hint, not a promise); dates are ignored."""
+    raw = response.headers.get("Retry-After")
+    try:
+        seconds = float(raw) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 120.0) if not math.isnan(seconds) else None
+
+
+def _error_of(error: Any, run_data: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    message = node = None
+    if isinstance(error, dict):
+        if isinstance(error.get("message"), str):
+            message = error["message"]
+        node_info = error.get("node")
+        if isinstance(node_info, dict) and isinstance(node_info.get("name"), str):
+            node = node_info["name"]
+        elif isinstance(node_info, str):
+            node = node_info
+    if node is None:  # no node on the workflow-level error: the first node run that failed
+        for name, runs in run_data.items():
+            failed = (
+                [r for r in runs if isinstance(r, dict) and r.get("error")]
+                if isinstance(runs, list)
+                else []
+            )
+            if failed:
+                node = name
+                node_error = failed[-1]["error"]
+                if message is None and isinstance(node_error, dict):
+                    message = (
+                        node_error.get("message")
+                        if isinstance(node_error.get("message"), str)
+                        else None
+                    )
+                break
+    return message, node
+
+
+def _last_node_output(run_data: Mapping[str, Any], last_node: str | None) -> list[Any] | None:
+    runs = run_data.get(last_node) if last_node else None
+    if not isinstance(runs, list) or not runs or not isinstance(runs[-1], dict):
+        return None
+    data = runs[-1].get("data")
+    main = data.get("main") if isinstance(data, dict) else None
+    if not isinstance(main, list):
+        return None
+    for branch in main:
+        if isinstance(branch, list) and branch:
+            return [item.get("json") for item in branch if isinstance(item, dict)]
+    return []
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _env(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def _env_workflows(env: Mapping[str, str]) -> dict[str, str]:
+    raw = _env(env, "N8N_WORKFLOWS")
+    if raw is None:
+        return {}
+    try:
+        mapping = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"N8N_WORKFLOWS is not valid JSON: {exc}") from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise ConfigError('N8N_WORKFLOWS must be a JSON object of names to paths, {"name": "path"}')
+    for name, path in mapping.items():
+        if not _PATH.fullmatch(path) or _has_dot_segment(path):
+            raise ConfigError(
+                f"N8N_WORKFLOWS maps {name!r} to {path!r}, which is not a webhook path "
+                "(give the path after /webhook/, never a URL)"
+            )
+    return mapping
