@@ -1,0 +1,160 @@
+"""Client of Ollama's native chat API.
+
+``POST {base_url}/api/chat`` streams NDJSON: one ``{"message": {"content": …}, "done": false}``
+object a line, and a last line with ``"done": true`` carrying ``done_reason``,
+``prompt_eval_count``, ``eval_count`` and durations in nanoseconds. A failure after the 200 comes
+as an ``{"error": "…"}`` line. Beyond its queue (``OLLAMA_MAX_QUEUE``) Ollama answers 503; an
+unknown model is a 404. Timeouts, deadline and cancellation follow ``transport``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from workers.failures import Permanent, Retryable
+from workers.providers.base import (
+    ChatRequest,
+    Completion,
+    Delta,
+    ProviderConfig,
+    deadline_for,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
+from workers.providers.transport import new_session, open_stream, read_chunks, redact
+
+#: Bytes of one NDJSON line we accept; more without a newline means a broken server.
+MAX_LINE_BYTES = 1024 * 1024
+
+
+class OllamaProvider:
+    """Streams chat completions from one Ollama server."""
+
+    def __init__(self, config: ProviderConfig, session: requests.Session | None = None):
+        if not config.base_url:
+            raise ValueError(f"provider {config.name!r} has no base_url")
+        self.config = config
+        self._session = session or new_session()
+        self._url = f"{config.base_url}/api/chat"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            options["num_predict"] = request.max_tokens
+        if request.stop:
+            options["stop"] = list(request.stop)
+        body: dict[str, Any] = {"model": model, "messages": request.wire_messages(), "stream": True}
+        if options:
+            body["options"] = options
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/x-ndjson", "Accept-Encoding": "identity"}
+        if self.config.api_key:  # Ollama itself has no keys; a proxy in front of it may.
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        return headers
+
+    def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
+        name = self.config.name
+        model = request.model or self.config.default_model
+        if not model:
+            raise Permanent(f"{name}: no model named by the job nor configured (LLM_MODEL)")
+        started = time.monotonic()
+        deadline = deadline_for(request, self.config, started)
+        response = open_stream(
+            self._session,
+            self._url,
+            body=self._body(request, model),
+            headers=self._headers(),
+            config=self.config,
+            request=request,
+            started=started,
+            deadline=deadline,
+        )
+        chunks = read_chunks(
+            response, config=self.config, request=request, started=started, deadline=deadline
+        )
+        parts: list[str] = []
+        ttft: float | None = None
+        final: dict[str, Any] | None = None
+        buffer = b""
+        try:
+            for chunk in chunks:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if len(buffer) > MAX_LINE_BYTES:
+                    raise Retryable(f"{name}: malformed stream: a line over {MAX_LINE_BYTES} bytes")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    payload = _json_line(name, line)
+                    if payload.get("error"):
+                        message = redact(str(payload["error"]), self.config.api_key)
+                        raise Retryable(f"{name} failed mid-stream: {message}")
+                    message_part = payload.get("message") or {}
+                    text = message_part.get("content") if isinstance(message_part, dict) else None
+                    if isinstance(text, str) and text:
+                        if ttft is None:
+                            ttft = time.monotonic() - started
+                        parts.append(text)
+                        yield Delta(text)
+                    if payload.get("done") is True:
+                        final = payload
+                        break
+                if final is not None:
+                    break
+        finally:
+            chunks.close()
+        if final is None:
+            raise Retryable(f"{name}: the stream ended before its done line (connection cut?)")
+        yield _completion(request, "".join(parts), final, model, started, ttft)
+
+
+def _json_line(name: str, line: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(line)
+    except ValueError:
+        raise Retryable(f"{name}: malformed JSON in a stream line: {line[:200]!r}") from None
+    if not isinstance(payload, dict):
+        raise Retryable(f"{name}: a stream line is not a JSON object: {line[:200]!r}")
+    return payload
+
+
+def _completion(
+    request: ChatRequest,
+    content: str,
+    final: dict[str, Any],
+    model: str,
+    started: float,
+    ttft: float | None,
+) -> Completion:
+    """Ollama leaves a count out when it had nothing to evaluate (e.g. a cached prompt); the
+    missing side is estimated, and the completion says so."""
+    prompt = final.get("prompt_eval_count")
+    completion = final.get("eval_count")
+    estimated = False
+    if not isinstance(prompt, int):
+        prompt, estimated = estimate_prompt_tokens(request.messages), True
+    if not isinstance(completion, int):
+        completion, estimated = estimate_tokens(content), True
+    return Completion(
+        content=content,
+        model=str(final.get("model") or model),
+        finish_reason=str(final.get("done_reason") or "stop"),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        tokens_estimated=estimated,
+        latency_s=time.monotonic() - started,
+        ttft_s=ttft,
+    )

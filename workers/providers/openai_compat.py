@@ -1,0 +1,292 @@
+"""Client of OpenAI-compatible chat completions (OpenAI, vLLM, llama.cpp, LiteLLM, OpenRouter…).
+
+``POST {base_url}/chat/completions`` with ``stream: true`` answers server-sent events:
+``data: {chunk}`` events, then ``data: [DONE]``. Token usage only comes when the request asks
+for it (``stream_options.include_usage``), in a last chunk with empty ``choices``, and is lost
+when the stream breaks: then we estimate it and say so. A stream is complete only with a
+``finish_reason`` and ``[DONE]``; an error can still arrive inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import requests
+
+from workers.failures import Permanent, Retryable
+from workers.providers.base import (
+    ChatRequest,
+    Completion,
+    Delta,
+    ProviderConfig,
+    deadline_for,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
+from workers.providers.transport import (
+    ServerError,
+    failure_in_stream,
+    new_session,
+    open_stream,
+    read_chunks,
+)
+
+#: Bytes of one SSE line we accept; a server streaming more without a newline is broken.
+MAX_LINE_BYTES = 1024 * 1024
+#: Bytes of a non-streamed JSON answer we accept (a server that ignored ``stream: true``).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Server-sent events from bytes, as the WHATWG spec reads them: ``field: value`` lines up
+    to a blank line make one event, several ``data`` lines join with newlines, and lines that
+    start with ``:`` are comments (keep-alives) and ignored."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
+        """The complete events in ``chunk`` (plus what was buffered), as (event, data)."""
+        self._buffer += chunk
+        events: list[tuple[str | None, str]] = []
+        position = 0
+        while match := _EOL.search(self._buffer, position):
+            if match.group() == b"\r" and match.end() == len(self._buffer):
+                break  # maybe half of a \r\n: wait for the next chunk
+            event = self._line(self._buffer[position : match.start()].decode("utf-8", "replace"))
+            if event is not None:
+                events.append(event)
+            position = match.end()
+        self._buffer = self._buffer[position:]
+        if len(self._buffer) > MAX_LINE_BYTES:
+            raise ValueError(f"an event line longer than {MAX_LINE_BYTES} bytes")
+        return events
+
+    def _line(self, line: str) -> tuple[str | None, str] | None:
+        if not line:
+            if not self._data:
+                self._event = None
+                return None
+            event = (self._event, "\n".join(self._data))
+            self._event, self._data = None, []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None  # id, retry and unknown fields mean nothing to a chat completion
+
+
+class OpenAICompatProvider:
+    """Streams chat completions from one OpenAI-compatible server."""
+
+    def __init__(self, config: ProviderConfig, session: requests.Session | None = None):
+        if not config.base_url:
+            raise ValueError(f"provider {config.name!r} has no base_url")
+        self.config = config
+        self._session = session or new_session()
+        self._url = f"{config.base_url}/chat/completions"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": request.wire_messages(),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "Accept": "text/event-stream",
+            # Compression would hold chunks back until a buffer fills.
+            "Accept-Encoding": "identity",
+        }
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        return headers
+
+    def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
+        model = request.model or self.config.default_model
+        if not model:
+            raise Permanent(
+                f"{self.config.name}: no model named by the job nor configured (LLM_MODEL)"
+            )
+        started = time.monotonic()
+        deadline = deadline_for(request, self.config, started)
+        response = open_stream(
+            self._session,
+            self._url,
+            body=self._body(request, model),
+            headers=self._headers(),
+            config=self.config,
+            request=request,
+            started=started,
+            deadline=deadline,
+        )
+        chunks = read_chunks(
+            response, config=self.config, request=request, started=started, deadline=deadline
+        )
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            yield from self._whole(chunks, request, model, started)
+        else:
+            yield from self._events(chunks, request, model, started)
+
+    def _events(
+        self, chunks: Generator[bytes, None, None], request: ChatRequest, model: str, started: float
+    ) -> Iterator[Delta | Completion]:
+        name = self.config.name
+        decoder = SSEDecoder()
+        parts: list[str] = []
+        ttft: float | None = None
+        finish_reason: str | None = None
+        usage: dict[str, Any] | None = None
+        done = False
+        try:
+            for chunk in chunks:
+                try:
+                    events = decoder.feed(chunk)
+                except ValueError as exc:
+                    raise Retryable(f"{name}: malformed stream: {exc}") from None
+                for event, data in events:
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    payload = _json_chunk(name, data)
+                    error = payload.get("error")
+                    if error or event == "error":
+                        raise failure_in_stream(self.config, _stream_error(error, data))
+                    model = payload.get("model") or model
+                    if isinstance(payload.get("usage"), dict):
+                        usage = payload["usage"]
+                    for choice in payload.get("choices") or ():
+                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") if isinstance(delta, dict) else None
+                        if isinstance(text, str) and text:
+                            if ttft is None:
+                                ttft = time.monotonic() - started
+                            parts.append(text)
+                            yield Delta(text)
+                        if choice.get("finish_reason"):
+                            finish_reason = str(choice["finish_reason"])
+                if done:
+                    break
+        finally:
+            chunks.close()  # closes the response
+        if not done:
+            raise Retryable(f"{name}: the stream ended before [DONE] (connection cut?)")
+        if finish_reason is None:
+            raise Retryable(f"{name}: the stream ended without a finish_reason")
+        yield _completion(request, "".join(parts), model, finish_reason, usage, started, ttft)
+
+    def _whole(
+        self, chunks: Generator[bytes, None, None], request: ChatRequest, model: str, started: float
+    ) -> Iterator[Delta | Completion]:
+        """A server that ignored ``stream: true`` answers one chat.completion object."""
+        name = self.config.name
+        body = bytearray()
+        try:
+            for chunk in chunks:
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise Retryable(f"{name}: answer larger than {MAX_BODY_BYTES} bytes")
+        finally:
+            chunks.close()
+        payload = _json_chunk(name, body.decode("utf-8", "replace"))
+        if payload.get("error"):
+            raise failure_in_stream(self.config, _stream_error(payload["error"], ""))
+        choices = payload.get("choices") or []
+        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        message = choice.get("message") or {}
+        text = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(text, str) or not choice.get("finish_reason"):
+            raise Retryable(f"{name}: an answer without content or finish_reason")
+        ttft = time.monotonic() - started if text else None
+        if text:
+            yield Delta(text)
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else None
+        yield _completion(
+            request,
+            text,
+            payload.get("model") or model,
+            str(choice["finish_reason"]),
+            usage,
+            started,
+            ttft,
+        )
+
+
+def _json_chunk(name: str, data: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        raise Retryable(f"{name}: malformed JSON in a stream chunk: {data[:200]!r}") from None
+    if not isinstance(payload, dict):
+        raise Retryable(f"{name}: a stream chunk is not a JSON object: {data[:200]!r}")
+    return payload
+
+
+def _stream_error(error: Any, data: str) -> ServerError:
+    if isinstance(error, dict):
+        code = error.get("code")
+        return ServerError(
+            message=str(error.get("message") or "an error occurred during streaming"),
+            type=error.get("type") if isinstance(error.get("type"), str) else None,
+            code=code if isinstance(code, str | int) else None,
+        )
+    if isinstance(error, str):
+        return ServerError(message=error)
+    return ServerError(message=data[:500] or "an error occurred during streaming")
+
+
+def _completion(
+    request: ChatRequest,
+    content: str,
+    model: str,
+    finish_reason: str,
+    usage: dict[str, Any] | None,
+    started: float,
+    ttft: float | None,
+) -> Completion:
+    prompt = usage.get("prompt_tokens") if usage else None
+    completion = usage.get("completion_tokens") if usage else None
+    estimated = not (isinstance(prompt, int) and isinstance(completion, int))
+    if estimated:
+        prompt = estimate_prompt_tokens(request.messages)
+        completion = estimate_tokens(content)
+    total = usage.get("total_tokens") if usage and not estimated else None
+    return Completion(
+        content=content,
+        model=model,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total if isinstance(total, int) else prompt + completion,
+        tokens_estimated=estimated,
+        latency_s=time.monotonic() - started,
+        ttft_s=ttft,
+    )
