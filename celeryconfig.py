@@ -134,6 +134,22 @@ conveyor_event_stream_maxlen = env_int("CONVEYOR_EVENT_STREAM_MAXLEN", 1000, min
 #: Seconds a job's event stream is kept after its last event.
 conveyor_event_ttl = env_int("CONVEYOR_EVENT_TTL", 86_400, minimum=60)
 
+# --- AI generation. Providers themselves (LLM_BASE_URL, LLM_API_KEY, LLM_MODEL, LLM_PROVIDER,
+# CONVEYOR_PROVIDERS, ...) are read by workers.providers.base.providers_from_env when the ai
+# task module loads, so a malformed one stops the worker at start.
+#: Seconds between two progress events of one generation: a fast model's tokens are
+#: coalesced so one job cannot flood Redis (10 events/s at most by default).
+conveyor_ai_progress_interval_s = env_float("CONVEYOR_AI_PROGRESS_INTERVAL", 0.1, minimum=0.0)
+#: Consecutive provider failures (5xx, timeouts, cut streams) that open its circuit, and the
+#: seconds it stays open before one probe may go (Temporal's outbound breaker: >5, 60 s).
+conveyor_breaker_fail_max = env_int("CONVEYOR_BREAKER_FAIL_MAX", 5, minimum=1)
+conveyor_breaker_reset_s = env_float("CONVEYOR_BREAKER_RESET", 60.0, minimum=0.1)
+#: Seconds a job may wait its turn under a provider's rate limit while holding a worker
+#: thread; a longer wait sends it back to the queue instead.
+conveyor_rate_wait_s = env_float("CONVEYOR_RATE_LIMIT_WAIT", 5.0, minimum=0.0)
+#: Seconds between two checks of a streaming job's cancel key (one Redis read each).
+conveyor_cancel_check_s = env_float("CONVEYOR_CANCEL_CHECK", 0.5, minimum=0.05)
+
 
 def _pool(
     name: str,

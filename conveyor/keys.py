@@ -38,6 +38,12 @@ def deliveries(job_id: str, attempt: int) -> str:
     return f"{PREFIX}:deliveries:{job_id}:{attempt}"
 
 
+def cancel(job_id: str) -> str:
+    """Set (with a TTL) to ask a job to stop: checked when it starts and while it streams.
+    Unlike Celery's revoke it outlives a worker restart."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
 #: Dead letters that could not be written to Postgres wait here (a list of JSON objects)
 #: until ``maintenance.flush_dead_letters`` moves them. No TTL: nothing is dropped.
 DEAD_LETTER_SPILL = f"{PREFIX}:dead_letters:spill"

@@ -203,6 +203,12 @@ class Submitter:
             for i, prior in enumerate(existing)
         ]
 
+    def cancel(self, job_id: str) -> None:
+        """Ask a job to stop: a queued one is skipped when it comes up, a streaming generation
+        stops within a fraction of a second; either ends with an ``error`` event (reason
+        ``cancelled``). A job that already finished is not affected."""
+        self.redis.set(keys.cancel(job_id), "1", ex=self._idempotency_ttl)
+
     def job(self, job_id: str, task: str = "") -> Job:
         """A handle on a job submitted earlier (by any process)."""
         return Job(self, job_id, task)

@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", type=int, help="0 (served first) to 9")
     submit.add_argument("--countdown", type=float, help="seconds to wait before running")
     submit.set_defaults(handler=_submit)
+
+    cancel = commands.add_parser("cancel", help="ask a job to stop")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=_cancel)
     return parser
 
 
@@ -172,6 +176,14 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
     if args.wait:
         _print_json(envelope)
     return EXIT_OK if envelope["success"] else EXIT_JOB_FAILED
+
+
+def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
+    from conveyor import Submitter
+
+    Submitter().cancel(args.job_id)
+    print(f"cancel requested for {args.job_id}")
+    return EXIT_OK
 
 
 def _read_payload(data: str) -> Any:

@@ -38,6 +38,12 @@ class Permanent(Exception):
     reason = "permanent"
 
 
+class Cancelled(Permanent):
+    """Someone asked for the job to stop (``conveyor cancel``): not a failure to dead-letter."""
+
+    reason = "cancelled"
+
+
 class Poison(Permanent):
     """The message itself is unusable: it fails its schema, or kills every worker it meets."""
 

@@ -27,7 +27,15 @@ from conveyor.schemas.common import Payload
 from workers import connections
 from workers.app import app
 from workers.events import EventPublisher
-from workers.failures import Deferred, Permanent, Poison, Retryable, classify, compute_backoff
+from workers.failures import (
+    Cancelled,
+    Deferred,
+    Permanent,
+    Poison,
+    Retryable,
+    classify,
+    compute_backoff,
+)
 from workers.store import dead_letters
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,18 @@ class JobContext:
 
     def progress(self, **data: Any) -> None:
         self.emit("progress", data)
+
+    def emit_quietly(
+        self, suffix: str, data: dict[str, Any], *, type: EventType = "update"
+    ) -> None:
+        """Publish, logging instead of raising: for events about a failure (Redis may be its
+        cause) and for progress inside a stream (a Redis hiccup must not fail a generation)."""
+        try:
+            self.emit(suffix, data, type=type)
+        except Exception:
+            log.exception(
+                "could not publish %s_%s for job %s", self.event_prefix, suffix, self.job_id
+            )
 
 
 JobFunction = Callable[[JobContext, Any], dict[str, Any]]
@@ -123,6 +143,8 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict
     conf = task.app.conf
     try:
         _check_deliveries(ctx, conf.conveyor_max_deliveries)
+        if connections.redis_client().exists(keys.cancel(ctx.job_id)):
+            raise Cancelled("cancelled before it started")
         payload = _validate(ctx.task_name, raw_payload, conf.conveyor_max_payload_bytes)
         ctx.emit("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
         data = fn(ctx, payload)
@@ -174,8 +196,7 @@ def _retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
         delay,
         verdict,
     )
-    _emit_quietly(
-        ctx,
+    ctx.emit_quietly(
         "progress",
         {
             "retrying": True,
@@ -192,8 +213,7 @@ def _defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> 
     """Send the job again, same id and same attempt number, after the delay; ack this copy."""
     delay = min(verdict.delay_s or 0.0, task.app.conf.conveyor_retry_cap_s)
     log.info("job %s (%s) deferred %.2fs: %s", ctx.job_id, ctx.task_name, delay, verdict)
-    _emit_quietly(
-        ctx,
+    ctx.emit_quietly(
         "progress",
         {"deferred": True, "next_attempt_in_s": round(delay, 3), "reason": str(verdict)},
     )
@@ -219,9 +239,10 @@ def _fail(task: Task, ctx: JobContext, raw_payload: Any, verdict: Retryable | Pe
         str(verdict) if reason != "exhausted" else f"gave up after {attempts} attempts: {verdict}"
     )
     log.error("job %s (%s) failed for good (%s): %s", ctx.job_id, ctx.task_name, reason, message)
-    record_dead_letter(task, ctx.job_id, raw_payload, reason, message, attempts)
-    _emit_quietly(
-        ctx, "error", {"error": message, "reason": reason, "attempts": attempts}, type="error"
+    if reason != Cancelled.reason:  # asked for, not a failure: nothing to inspect or resubmit
+        record_dead_letter(task, ctx.job_id, raw_payload, reason, message, attempts)
+    ctx.emit_quietly(
+        "error", {"error": message, "reason": reason, "attempts": attempts}, type="error"
     )
     raise JobFailed(message)
 
@@ -240,13 +261,3 @@ def record_dead_letter(
         "attempts": attempts,
     }
     dead_letters.record(connections.engine(), connections.redis_client(), row)
-
-
-def _emit_quietly(
-    ctx: JobContext, suffix: str, data: dict[str, Any], *, type: EventType = "update"
-) -> None:
-    """An event about a failure must not turn into a second failure (Redis may be the cause)."""
-    try:
-        ctx.emit(suffix, data, type=type)
-    except Exception:
-        log.exception("could not publish %s_%s for job %s", ctx.event_prefix, suffix, ctx.job_id)

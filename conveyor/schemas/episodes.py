@@ -14,6 +14,8 @@ class Tokens(Payload):
     prompt: int = Field(default=0, ge=0)
     completion: int = Field(default=0, ge=0)
     total: int = Field(default=0, ge=0)
+    #: True when the counts were estimated (~4 characters a token), not reported by a provider.
+    estimated: bool = False
 
 
 class EpisodePayload(Payload):

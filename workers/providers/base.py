@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from conveyor.settings import ConfigError
-from workers.failures import Permanent, Retryable
+from workers.failures import Cancelled as Cancelled  # re-exported: providers raise it
+from workers.failures import Retryable
 
 ProviderKind = Literal["openai", "ollama", "local"]
 
@@ -36,12 +37,6 @@ LOCAL = "local"
 CHARS_PER_TOKEN = 4
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class Cancelled(Permanent):
-    """The caller asked the stream to stop (``ChatRequest.should_stop``); nothing to retry."""
-
-    reason = "cancelled"
 
 
 class DeadlineExceeded(Retryable):
