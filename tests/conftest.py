@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.llm_server import llm_server  # noqa: F401 - a fixture, for every test module
+from tests.fakes.n8n_server import n8n_server  # noqa: F401 - a fixture, for every test module
 from tests.support.servers import TestServers, start_test_servers
 from tests.support.workers import WorkerFactory
 
