@@ -53,6 +53,9 @@ task_acks_on_failure = True
 task_acks_on_timeout = True
 # Long jobs must not sit behind a prefetched backlog; pools that batch raise this themselves.
 worker_prefetch_multiplier = 1
+# A redelivered message whose job already stored SUCCESS (its worker died between storing the
+# result and acknowledging) is not run again: one backend read, and only on redelivery.
+worker_deduplicate_successful_tasks = True
 # When the broker connection drops, running acks_late jobs cannot be acknowledged any more and
 # will be redelivered: cancel them instead of finishing them twice.
 worker_cancel_long_running_tasks_on_connection_loss = True
