@@ -126,6 +126,10 @@ class Submitter:
         )
         self._max_bytes: int = celeryconfig.conveyor_max_payload_bytes
         self._idempotency_ttl: int = celeryconfig.conveyor_idempotency_ttl
+        # A delayed job waits, unacknowledged, in a worker until it is due: past the visibility
+        # timeout (less the time it may then run) Redis would hand it to a second worker.
+        longest_run = max(p["time_limit"] for p in celeryconfig.conveyor_pools.values())
+        self._max_delay_s: float = celeryconfig.visibility_timeout - longest_run
 
     def validate(self, task: str, payload: Any) -> None:
         """Raise ``UnknownTaskError`` or ``PayloadError`` exactly as ``submit`` would."""
@@ -169,6 +173,7 @@ class Submitter:
         if len(idem) != len(payloads):
             raise ValueError("idempotency_keys must have one entry per payload")
         _check_priority(priority)
+        self._check_delay(countdown, eta)
         schema_for(task)  # unknown task: refuse before anything else
         problems: list[str] = []
         for index, payload in enumerate(payloads):
@@ -181,7 +186,10 @@ class Submitter:
             raise PayloadError(task, problems)
 
         job_ids = [str(uuid.uuid4()) for _ in payloads]
-        existing = self._claim_idempotency_keys(task, idem, job_ids)
+        try:
+            existing = self._claim_idempotency_keys(task, idem, job_ids)
+        except redis.RedisError as exc:
+            raise ConveyorError(f"could not reach Redis to check idempotency keys: {exc}") from exc
         to_send = [i for i, prior in enumerate(existing) if prior is None]
         try:
             self._send(
@@ -214,6 +222,18 @@ class Submitter:
         return Job(self, job_id, task)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _check_delay(self, countdown: float | None, eta: datetime | None) -> None:
+        delay = countdown or 0.0
+        if eta is not None:
+            now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now()
+            delay = max(delay, (eta - now).total_seconds())
+        if delay > self._max_delay_s:
+            raise ValueError(
+                f"a job can be delayed by at most {self._max_delay_s:g} s "
+                "(CONVEYOR_VISIBILITY_TIMEOUT less the longest time limit), not "
+                f"{delay:g} s: schedule it later instead"
+            )
 
     def _claim_idempotency_keys(
         self, task: str, idem: list[str | None], job_ids: list[str]

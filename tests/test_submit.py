@@ -135,3 +135,37 @@ def test_cli_exit_codes_and_messages(redis_client):
     job_id = ok.stdout.strip()
     [waiting] = messages(redis_client, "maintenance")
     assert waiting["headers"]["id"] == job_id
+
+
+def test_a_delay_longer_than_the_visibility_window_is_refused(submitter, redis_client):
+    with pytest.raises(ValueError, match="can be delayed by at most 1500 s"):
+        submitter.submit("maintenance.ping", {}, countdown=3600)
+    assert messages(redis_client, "maintenance") == []
+    job = submitter.submit("maintenance.ping", {}, countdown=60)
+    assert [m["headers"]["id"] for m in messages(redis_client, "maintenance")] == [job.id]
+
+
+def test_redis_down_is_unavailable_not_a_crash(tmp_path):
+    env = {
+        **os.environ,
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+        "CONVEYOR_BROKER_MAX_RETRIES": "0",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "submit",
+            "maintenance.ping",
+            "--idempotency-key",
+            "k",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "could not reach Redis" in result.stderr and "Traceback" not in result.stderr
