@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conveyor import keys
 from conveyor.schemas.ai import AnalyzePayload, ChatPayload, CodePayload, GeneratePayload
 from workers import connections
 from workers.app import app
 from workers.episode_log import log_episode
-from workers.generation import Generation, Generator
+from workers.generation import CancelWatch, Generation, Generator
 from workers.jobs import JobContext, job
 from workers.prompts import AnswerDoesNotFit, extract_code_blocks, messages_for, parse_analysis
 from workers.providers import default_provider_name, providers_from_env
@@ -73,17 +72,18 @@ def run(
     messages = messages_for(task, payload, history=None)
     # Our own deadline: the threads pool cannot enforce Celery's time limits.
     deadline = time.monotonic() + conf.conveyor_pools["ai"]["soft_time_limit"]
-    result = generator().run(
-        messages,
-        provider=payload.provider,
-        model=payload.model,
-        temperature=payload.temperature,
-        max_tokens=payload.max_tokens,
-        stop=payload.stop,
-        deadline=deadline,
-        should_stop=_cancel_check(ctx.job_id, conf.conveyor_cancel_check_s),
-        on_progress=lambda piece: ctx.emit_quietly("progress", piece),
-    )
+    with cancel_watch().watching(ctx.job_id) as cancelled:
+        result = generator().run(
+            messages,
+            provider=payload.provider,
+            model=payload.model,
+            temperature=payload.temperature,
+            max_tokens=payload.max_tokens,
+            stop=payload.stop,
+            deadline=deadline,
+            should_stop=cancelled,
+            on_progress=_progress_sender(ctx),
+        )
     data = _result_data(result)
     try:
         if shape is not None:
@@ -147,16 +147,19 @@ def _record(
     )
 
 
-def _cancel_check(job_id: str, every_s: float) -> Callable[[], bool]:
-    """``should_stop`` for a stream: reads the job's cancel key at most every ``every_s``."""
-    key = keys.cancel(job_id)
-    state = {"next": 0.0, "cancelled": False}
+def _progress_sender(ctx: JobContext) -> Callable[[dict[str, Any]], None]:
+    """``on_progress`` for a stream: the job's ``ai_generation_progress`` events go out in the
+    process's next event batch (``EventPublisher.publish_soon``), not one round trip each."""
+    event = f"{ctx.event_prefix}_progress"
 
-    def cancelled() -> bool:
-        now = time.monotonic()
-        if not state["cancelled"] and now >= state["next"]:
-            state["next"] = now + every_s
-            state["cancelled"] = bool(connections.redis_client().exists(key))
-        return state["cancelled"]
+    def send(piece: dict[str, Any]) -> None:
+        ctx.publisher.publish_soon(
+            ctx.job_id, type="update", component=ctx.component, event=event, data=piece
+        )
 
-    return cancelled
+    return send
+
+
+@functools.cache
+def cancel_watch() -> CancelWatch:
+    return CancelWatch(connections.redis_client, app.conf.conveyor_cancel_check_s)

@@ -25,10 +25,20 @@ def database_url(url: str | None = None) -> str:
 
 @functools.cache
 def redis_client() -> redis.Redis:
-    # Timeouts so a vanished Redis fails a call (and the job retries) instead of hanging it.
-    return redis.Redis.from_url(
-        app.conf.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=25
+    # Every thread of a threads pool may hold a connection at once (events, breakers, cancel
+    # keys): the pool must be larger than the biggest pool's concurrency, and a thread that
+    # still finds it empty waits for one instead of failing ("Too many connections").
+    slots = max(p["concurrency"] for p in app.conf.conveyor_pools.values())
+    pool = redis.BlockingConnectionPool.from_url(
+        app.conf.redis_url,
+        max_connections=slots + 32,
+        timeout=20,
+        # Timeouts so a vanished Redis fails a call (and the job retries) instead of hanging it.
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        health_check_interval=25,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 @functools.cache
@@ -36,8 +46,8 @@ def engine() -> Engine:
     return create_engine(
         database_url(),
         pool_pre_ping=True,  # a connection broken by a Postgres restart is replaced, not used
-        pool_size=5,
-        max_overflow=10,
+        pool_size=app.conf.conveyor_db_pool_size,
+        max_overflow=app.conf.conveyor_db_max_overflow,
         connect_args={"connect_timeout": 5, "application_name": "conveyor"},
     )
 

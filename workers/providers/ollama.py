@@ -39,7 +39,7 @@ class OllamaProvider:
         if not config.base_url:
             raise ValueError(f"provider {config.name!r} has no base_url")
         self.config = config
-        self._session = session or new_session()
+        self._session = session or new_session(config.base_url)
         self._url = f"{config.base_url}/api/chat"
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -39,8 +40,12 @@ RETRY_AFTER_CAP_S = 120.0
 ERROR_BODY_LIMIT = 64 * 1024
 #: Bytes asked of the socket per read; a read returns as soon as any bytes are there.
 READ_SIZE = 64 * 1024
-#: Connections kept per provider: the ai pool runs 32 threads by default.
-POOL_SIZE = 64
+#: Idle connections kept per provider for reuse. Each thread holds at most one at a time, so
+#: this only has to be at least the ai pool's concurrency (CONVEYOR_AI_CONCURRENCY, which may
+#: be hundreds): beyond it, urllib3 closes a finished job's connection (logging "Connection
+#: pool is full" each time) and the next job connects anew; with 64 here, a third of the jobs
+#: of a 250-thread worker did (bench/ai_inflight.py).
+POOL_SIZE = 1024
 
 _RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
@@ -97,10 +102,23 @@ class ServerError:
         return 400 <= code < 500 and code not in _RETRYABLE_STATUSES
 
 
-def new_session() -> requests.Session:
+def new_session(base_url: str | None = None) -> requests.Session:
     """One session per provider: pooled keep-alive connections, no cookies, no silent retries
-    (retrying is ``workers.jobs``' decision). No state changes after this, so threads share it."""
+    (retrying is ``workers.jobs``' decision). No state changes after this, so threads share it.
+
+    The environment's proxy (``HTTPS_PROXY``, ``NO_PROXY`` …) and CA bundle
+    (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) settings for ``base_url`` are read once, here:
+    with ``trust_env`` requests reads them again for every request, ~0.7 ms of CPU each time
+    on our 2-core machine (22 µs without). It would also read ``~/.netrc``, whose Basic
+    credentials would replace the provider's API key.
+    """
     session = requests.Session()
+    session.trust_env = False
+    if base_url:
+        session.proxies.update(requests.utils.get_environ_proxies(base_url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -270,12 +288,18 @@ def read_chunks(
     ``DeadlineExceeded``); the read itself waits at most ``read_s`` or the time left. A stop
     requested during a silent server is therefore noticed within ``read_s``.
     """
+    armed: float | None = None  # the socket's read timeout, as last set here
     try:
         while True:
             if request.stopped():
                 raise Cancelled(f"{config.name}: cancelled mid-stream")
             left = check_deadline(deadline, started, config.name)
-            _arm_read_timeout(response, min(config.read_s, left))
+            wait = min(config.read_s, left)
+            # It only ever shrinks (once the deadline is nearer than read_s), so setting it
+            # again at every chunk of a long stream would change nothing.
+            if armed is None or wait < armed:
+                _arm_read_timeout(response, wait)
+                armed = wait
             try:
                 data = response.raw.read1(READ_SIZE, decode_content=True)
             except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
