@@ -183,6 +183,12 @@ class N8nClient:
         names = sorted(self.workflow_paths)
         return f"N8nClient(base_url={self.base_url!r}, api_key={key}, workflows={names!r})"
 
+    @property
+    def can_follow(self) -> bool:
+        """Whether executions can be read (an API key is set): an async run needs it, so a job
+        checks this before it triggers a run it could not follow."""
+        return self._api_key is not None
+
     def close(self) -> None:
         self._session.close()
 

@@ -226,6 +226,15 @@ class FakeN8n:
         with self._lock:
             self._scripted.extend(_Scripted(status, body, headers or {}, api) for _ in range(count))
 
+    def finish(self, execution_id: str) -> None:
+        """Ends a queued or running execution now, with its workflow's outcome: a test decides
+        when a slow run ends instead of sleeping for it."""
+        with self._lock:
+            execution = self._executions[execution_id]
+            elapsed = time.monotonic() - execution.created
+            execution.queued_s = min(execution.queued_s, elapsed)
+            execution.run_s = elapsed - execution.queued_s
+
     def _add(self, workflow: Workflow) -> Workflow:
         with self._lock:
             self._workflows[workflow.path] = workflow
