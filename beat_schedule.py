@@ -20,4 +20,6 @@ def every(seconds: float, task: str, payload: dict | None = None) -> dict:
 BEAT_SCHEDULE: dict[str, dict] = {
     "queue-metrics": every(15.0, "maintenance.queue_metrics"),
     "flush-dead-letters": every(60.0, "maintenance.flush_dead_letters"),
+    "reconcile-workflows": every(30.0, "maintenance.reconcile_workflows"),
+    "episode-retention": every(3600.0, "maintenance.episode_retention"),
 }

@@ -120,6 +120,10 @@ enable_utc = True
 conveyor_env = env_str("CONVEYOR_ENV", "prod")
 #: SQLAlchemy URL of the Postgres database holding episodes, executions and dead letters.
 conveyor_database_url = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/conveyor")
+#: Postgres connections one worker process keeps open, and may add under a burst. Multiply by
+#: the processes of the fleet and keep the total under the server's max_connections.
+conveyor_db_pool_size = env_int("CONVEYOR_DB_POOL_SIZE", 5, minimum=1)
+conveyor_db_max_overflow = env_int("CONVEYOR_DB_MAX_OVERFLOW", 10, minimum=0)
 #: Bytes a payload may take as compact JSON; checked at submit and again on receipt.
 conveyor_max_payload_bytes = env_int("CONVEYOR_MAX_PAYLOAD_BYTES", 256 * 1024, minimum=1024)
 #: Seconds an idempotency key keeps returning the job it first created.
@@ -150,8 +154,45 @@ conveyor_breaker_reset_s = env_float("CONVEYOR_BREAKER_RESET", 60.0, minimum=0.1
 #: Seconds a job may wait its turn under a provider's rate limit while holding a worker
 #: thread; a longer wait sends it back to the queue instead.
 conveyor_rate_wait_s = env_float("CONVEYOR_RATE_LIMIT_WAIT", 5.0, minimum=0.0)
-#: Seconds between two checks of a streaming job's cancel key (one Redis read each).
+#: Seconds between two reads of the cancel keys of a process's streaming jobs (one MGET).
 conveyor_cancel_check_s = env_float("CONVEYOR_CANCEL_CHECK", 0.5, minimum=0.05)
+
+# --- n8n workflows. The instance (N8N_BASE_URL, N8N_API_KEY, N8N_WORKFLOWS, N8N_CONNECT_TIMEOUT,
+# N8N_READ_TIMEOUT) is read by workers.n8n.n8n_from_env when the n8n task module loads, so a
+# malformed one stops the worker at start, and the API key never enters this configuration
+# (Flower and `celery inspect conf` show it).
+#: Seconds before the first read of an async execution. Later reads wait about the execution's
+#: age (most webhooks finish in seconds) up to the cap (seconds), so a fleet following long
+#: runs does not hammer n8n's API.
+conveyor_n8n_poll_base_s = env_float("CONVEYOR_N8N_POLL_BASE", 0.5, minimum=0.01)
+conveyor_n8n_poll_cap_s = env_float("CONVEYOR_N8N_POLL_CAP", 30.0, minimum=0.01)
+#: Seconds one delivery may keep polling in place (holding a thread and its message) before it
+#: sends the job back to the queue for its next read. Never more than the n8n pool's soft time
+#: limit, which the visibility-timeout check below already covers.
+conveyor_n8n_poll_hold_s = env_float("CONVEYOR_N8N_POLL_HOLD", 10.0, minimum=0.0)
+#: Consecutive n8n failures (unreachable, timeouts, 5xx; never a 404/401 or a failed workflow)
+#: that open n8n's circuit for every worker, and the seconds it stays open before one probe.
+conveyor_n8n_breaker_fail_max = env_int("CONVEYOR_N8N_BREAKER_FAIL_MAX", 5, minimum=1)
+conveyor_n8n_breaker_reset_s = env_float("CONVEYOR_N8N_BREAKER_RESET", 60.0, minimum=0.1)
+#: Seconds after a job's deadline before maintenance.reconcile_workflows takes over an execution
+#: the job handed over: room for the job's last read, so the two rarely race (a conditional
+#: update settles it when they do).
+conveyor_n8n_reconcile_grace_s = env_float("CONVEYOR_N8N_RECONCILE_GRACE", 30.0, minimum=0.0)
+#: Executions one reconciler run reads at most; beat runs it again 30 s later.
+conveyor_n8n_reconcile_batch = env_int("CONVEYOR_N8N_RECONCILE_BATCH", 200, minimum=1)
+
+# --- Episodes (workers.batching, tasks/episodes.py) ---------------------------------------------
+#: Records one batch writes in one round trip. A few hundred rows a statement is where
+#: Postgres' multi-row insert levels off (~37k rows/s here, against ~2.6k one row a commit).
+conveyor_episodes_batch_size = env_int("CONVEYOR_EPISODES_BATCH_SIZE", 500, minimum=1)
+#: Milliseconds a part-filled batch waits for more records before it is written anyway: the
+#: most batching adds to an episode's latency when traffic is light.
+conveyor_episodes_flush_ms = env_int("CONVEYOR_EPISODES_FLUSH_MS", 200, minimum=1)
+#: Days an episode is kept before maintenance.episode_retention deletes it; 0 keeps them all.
+conveyor_episode_retention_days = env_int("CONVEYOR_EPISODE_RETENTION_DAYS", 90, minimum=0)
+#: Rows one retention statement deletes: each chunk is its own short transaction, so the
+#: table is never locked for long and writers go on between chunks.
+conveyor_episode_retention_chunk = env_int("CONVEYOR_EPISODE_RETENTION_CHUNK", 5000, minimum=1)
 
 
 def _pool(
@@ -184,8 +225,15 @@ def _pool(
 conveyor_pools = {
     "ai": _pool("ai", "threads", concurrency=32, prefetch=1, time_limit=300),
     "n8n": _pool("n8n", "threads", concurrency=16, prefetch=1, time_limit=120),
+    # Prefetch per slot: a whole batch, so the consumer can fill the next batch while each
+    # process writes one (it holds every record, unacknowledged, until its batch commits).
     "episodes": _pool(
-        "episodes", "prefork", concurrency=2, prefetch=4, time_limit=60, max_tasks_per_child=10_000
+        "episodes",
+        "prefork",
+        concurrency=2,
+        prefetch=conveyor_episodes_batch_size,
+        time_limit=60,
+        max_tasks_per_child=10_000,
     ),
     "maintenance": _pool(
         "maintenance",
@@ -202,4 +250,12 @@ if visibility_timeout <= _longest_hold:
     raise ConfigError(
         f"CONVEYOR_VISIBILITY_TIMEOUT={visibility_timeout} must exceed the longest hard time limit "
         f"plus CONVEYOR_RETRY_CAP ({_longest_hold:g} s), or long jobs are delivered twice"
+    )
+
+_episodes = conveyor_pools["episodes"]
+if _episodes["prefetch_multiplier"] * _episodes["concurrency"] < conveyor_episodes_batch_size:
+    raise ConfigError(
+        f"CONVEYOR_EPISODES_PREFETCH x CONVEYOR_EPISODES_CONCURRENCY "
+        f"({_episodes['prefetch_multiplier']} x {_episodes['concurrency']}) must be at least "
+        f"CONVEYOR_EPISODES_BATCH_SIZE ({conveyor_episodes_batch_size}), or no batch ever fills"
     )

@@ -26,6 +26,8 @@ TASK_QUEUES: dict[str, str] = {
     "maintenance.ping": MAINTENANCE,
     "maintenance.queue_metrics": MAINTENANCE,
     "maintenance.flush_dead_letters": MAINTENANCE,
+    "maintenance.reconcile_workflows": MAINTENANCE,
+    "maintenance.episode_retention": MAINTENANCE,
 }
 
 

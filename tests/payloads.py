@@ -10,4 +10,6 @@ VALID = {
     "maintenance.ping": {},
     "maintenance.queue_metrics": {},
     "maintenance.flush_dead_letters": {},
+    "maintenance.reconcile_workflows": {},
+    "maintenance.episode_retention": {},
 }

@@ -22,6 +22,8 @@ def test_public_task_names_and_queues():
         "maintenance.ping": "maintenance",
         "maintenance.queue_metrics": "maintenance",
         "maintenance.flush_dead_letters": "maintenance",
+        "maintenance.reconcile_workflows": "maintenance",
+        "maintenance.episode_retention": "maintenance",
     }
     assert QUEUES == ("ai", "n8n", "episodes", "maintenance")
     assert set(SCHEMAS) == set(TASK_QUEUES) == set(VALID)
@@ -32,6 +34,8 @@ def test_beat_schedule_is_pinned_and_every_entry_expires():
     assert {name: (e["task"], e["schedule"]) for name, e in schedule.items()} == {
         "queue-metrics": ("maintenance.queue_metrics", 15.0),
         "flush-dead-letters": ("maintenance.flush_dead_letters", 60.0),
+        "reconcile-workflows": ("maintenance.reconcile_workflows", 30.0),
+        "episode-retention": ("maintenance.episode_retention", 3600.0),
     }
     for entry in schedule.values():
         assert entry["task"] in TASK_QUEUES

@@ -6,7 +6,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 #: Task modules the workers import; one per job family.
-TASK_MODULES = ("tasks.maintenance", "tasks.ai")
+TASK_MODULES = ("tasks.maintenance", "tasks.ai", "tasks.n8n", "tasks.episodes")
 
 app = Celery("conveyor", include=TASK_MODULES)
 app.config_from_object("celeryconfig")

@@ -7,6 +7,7 @@ conveyor beat [celery args]          the scheduler (celery-redbeat, lock-safe)
 conveyor flower [flower args]        monitoring (authentication required outside dev mode)
 conveyor migrate                     bring the database schema up to date
 conveyor submit TASK --data JSON     enqueue a job; --wait for its result, --follow its events
+conveyor episodes [filters]          episodes as JSON lines, newest first (--cursor pages on)
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="ask a job to stop")
     cancel.add_argument("job_id")
     cancel.set_defaults(handler=_cancel)
+
+    episodes = commands.add_parser("episodes", help="print episodes as JSON lines, newest first")
+    episodes.add_argument("--user", help="user_id")
+    episodes.add_argument("--session", help="session_id")
+    episodes.add_argument("--model", help="model_type")
+    episodes.add_argument("--status", help="e.g. success")
+    episodes.add_argument("--since", help="from this time (ISO 8601, or an age: 30m, 12h, 7d)")
+    episodes.add_argument("--until", help="before this time (ISO 8601, or an age)")
+    episodes.add_argument("--search", help="words in prompt or response (web-search syntax)")
+    episodes.add_argument("--limit", type=int, default=50, help="episodes a page (1-1000)")
+    episodes.add_argument("--cursor", help="the next_cursor a previous page printed")
+    episodes.add_argument("--all", action="store_true", help="every page, not just one")
+    episodes.set_defaults(handler=_episodes)
     return parser
 
 
@@ -183,6 +197,38 @@ def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
 
     Submitter().cancel(args.job_id)
     print(f"cancel requested for {args.job_id}")
+    return EXIT_OK
+
+
+def _episodes(args: argparse.Namespace, rest: list[str]) -> int:
+    """Episodes on stdout, one JSON object a line; the next page's cursor on stderr as
+    ``{"next_cursor": ...}`` (none after the last page)."""
+    from workers.connections import engine
+    from workers.store.episodes import BadCursor, parse_time, query_episodes
+
+    try:
+        filters = {
+            "user_id": args.user,
+            "session_id": args.session,
+            "model_type": args.model,
+            "status": args.status,
+            "search": args.search,
+            "since": parse_time(args.since) if args.since else None,
+            "until": parse_time(args.until) if args.until else None,
+        }
+        cursor = args.cursor
+        while True:
+            page = query_episodes(engine(), limit=args.limit, cursor=cursor, **filters)
+            for episode in page.episodes:
+                _print_json(episode)
+            cursor = page.next_cursor
+            if cursor is None or not args.all:
+                break
+    except (BadCursor, ValueError) as exc:
+        print(f"conveyor episodes: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if cursor is not None:
+        print(json.dumps({"next_cursor": cursor}), file=sys.stderr)
     return EXIT_OK
 
 

@@ -50,6 +50,16 @@ class Poison(Permanent):
     reason = "poison"
 
 
+class HandedOver(Exception):
+    """Not a failure: the job stops here and another job reports its end (an n8n workflow
+    still running at the job's deadline goes to ``maintenance.reconcile_workflows``). No result
+    now, no terminal event, no dead letter; ``data`` goes into the progress event that says so."""
+
+    def __init__(self, message: str, *, data: dict | None = None):
+        super().__init__(message)
+        self.data = data or {}
+
+
 #: Infrastructure failures: an outage delays work, it does not lose it.
 _TRANSIENT = (
     redis.ConnectionError,

@@ -30,6 +30,7 @@ from workers.events import EventPublisher
 from workers.failures import (
     Cancelled,
     Deferred,
+    HandedOver,
     Permanent,
     Poison,
     Retryable,
@@ -148,6 +149,11 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict
         payload = _validate(ctx.task_name, raw_payload, conf.conveyor_max_payload_bytes)
         ctx.emit("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
         data = fn(ctx, payload)
+    except HandedOver as exc:
+        # Another job reports the end (result and terminal event); this message is done.
+        log.info("job %s (%s) handed over: %s", ctx.job_id, ctx.task_name, exc)
+        ctx.emit_quietly("progress", {"handed_over": True, "reason": str(exc), **exc.data})
+        raise Ignore() from None
     except Exception as exc:
         verdict = classify(exc)
         if isinstance(verdict, Deferred):

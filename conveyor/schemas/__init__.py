@@ -12,7 +12,7 @@ from conveyor.errors import PayloadError, UnknownTaskError
 from conveyor.names import TASK_QUEUES
 from conveyor.schemas.ai import AnalyzePayload, ChatPayload, CodePayload, GeneratePayload
 from conveyor.schemas.common import Payload
-from conveyor.schemas.episodes import EpisodePayload
+from conveyor.schemas.episodes import EpisodePayload, EpisodeRetentionPayload
 from conveyor.schemas.maintenance import NoPayload, PingPayload
 from conveyor.schemas.n8n import N8nExecutePayload
 
@@ -26,6 +26,8 @@ SCHEMAS: dict[str, type[Payload]] = {
     "maintenance.ping": PingPayload,
     "maintenance.queue_metrics": NoPayload,
     "maintenance.flush_dead_letters": NoPayload,
+    "maintenance.reconcile_workflows": NoPayload,
+    "maintenance.episode_retention": EpisodeRetentionPayload,
 }
 
 assert SCHEMAS.keys() == TASK_QUEUES.keys(), "every public task needs exactly one schema"

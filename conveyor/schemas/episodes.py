@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from conveyor.schemas.common import Identifier, Payload
+
+#: Postgres text cannot hold a NUL character: refused here, with a clear error, rather than
+#: failing the database write later.
+_NUL = "\x00"
 
 
 class Tokens(Payload):
@@ -32,3 +37,24 @@ class EpisodePayload(Payload):
     status: str = Field(default="success", min_length=1, max_length=50)
     job_id: Identifier | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("user_id", "session_id", "model_type", "prompt", "response", "status")
+    @classmethod
+    def _no_nul_in_text(cls, value: str | None) -> str | None:
+        if value is not None and _NUL in value:
+            raise ValueError("must not contain NUL (\\x00) characters")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_nul_in_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "\\u0000" in json.dumps(value, default=str):
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        return value
+
+
+class EpisodeRetentionPayload(Payload):
+    """``maintenance.episode_retention``: beat sends ``{}``; an operator may override the age."""
+
+    #: Delete episodes older than this many days (default: CONVEYOR_EPISODE_RETENTION_DAYS).
+    days: int | None = Field(default=None, ge=1, le=36_500)
