@@ -154,6 +154,9 @@ conveyor_breaker_reset_s = env_float("CONVEYOR_BREAKER_RESET", 60.0, minimum=0.1
 #: Seconds a job may wait its turn under a provider's rate limit while holding a worker
 #: thread; a longer wait sends it back to the queue instead.
 conveyor_rate_wait_s = env_float("CONVEYOR_RATE_LIMIT_WAIT", 5.0, minimum=0.0)
+#: Tokens (estimated, ~4 characters each) of recalled episodes a job with ``history`` may
+#: prepend: the newest turns that fit, so recall never crowds out the question.
+conveyor_ai_history_tokens = env_int("CONVEYOR_AI_HISTORY_TOKENS", 2000, minimum=0)
 #: Seconds between two reads of the cancel keys of a process's streaming jobs (one MGET).
 conveyor_cancel_check_s = env_float("CONVEYOR_CANCEL_CHECK", 0.5, minimum=0.05)
 

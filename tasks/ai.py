@@ -21,6 +21,7 @@ from workers.generation import CancelWatch, Generation, Generator
 from workers.jobs import JobContext, job
 from workers.prompts import AnswerDoesNotFit, extract_code_blocks, messages_for, parse_analysis
 from workers.providers import default_provider_name, providers_from_env
+from workers.store.episodes import recent_episodes
 
 #: Read when the worker loads its tasks, so a malformed provider setting stops it at start.
 PROVIDERS = providers_from_env(os.environ)
@@ -69,7 +70,7 @@ def run(
     ctx: JobContext, task: str, payload: Any, shape: Callable[[str], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     conf = app.conf
-    messages = messages_for(task, payload, history=None)
+    messages = messages_for(task, payload, history=_recall(payload))
     # Our own deadline: the threads pool cannot enforce Celery's time limits.
     deadline = time.monotonic() + conf.conveyor_pools["ai"]["soft_time_limit"]
     with cancel_watch().watching(ctx.job_id) as cancelled:
@@ -93,6 +94,25 @@ def run(
         raise
     _record(ctx, task, payload, messages, result, status="success")
     return data
+
+
+def _recall(payload: Any) -> list[dict[str, str]]:
+    """The session's last ``history`` episodes, as the turns of a conversation, oldest first."""
+    if not payload.history:
+        return []
+    episodes = recent_episodes(
+        connections.engine(),
+        payload.session_id,
+        payload.history,
+        app.conf.conveyor_ai_history_tokens,
+    )
+    turns: list[dict[str, str]] = []
+    for episode in episodes:
+        turns += [
+            {"role": "user", "content": episode["prompt"]},
+            {"role": "assistant", "content": episode["response"]},
+        ]
+    return turns
 
 
 def _result_data(result: Generation) -> dict[str, Any]:

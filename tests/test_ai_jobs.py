@@ -175,3 +175,72 @@ def test_cancel_stops_a_streaming_generation_and_says_so(llm, submitter, redis_c
     assert (last["type"], last["data"]["reason"]) == ("error", "cancelled")
     assert llm.wait_for_hangup(5)  # the stream was closed, not read to its end
     assert dead_letters.find(engine, job.id) is None
+
+
+def test_a_job_run_twice_records_one_episode(llm, workers, submitter, engine):
+    from sqlalchemy import text
+
+    workers.start("episodes")
+    llm.script(Reply.ok("first run"), Reply.ok("second run"))
+    payload = {"prompt": "once", "user_id": "u-twice"}
+    job = submitter.submit("ai.generate", payload)
+    assert job.result(timeout=30)["success"] is True
+    # The same message again, as a redelivery after a lost acknowledgement would bring it.
+    submitter.app.send_task(
+        "ai.generate", args=(payload,), task_id=job.id, queue="ai", routing_key="ai"
+    )
+    wait_for(lambda: len(llm.requests) == 2, what="the second run")
+
+    def rows():
+        with engine.connect() as conn:
+            return conn.execute(
+                text(
+                    "SELECT episode_id, response, model_type FROM episodic_logs WHERE job_id = :j"
+                ),
+                {"j": job.id},
+            ).all()
+
+    wait_for(rows, what="the episode row")
+    time.sleep(1.0)  # give the second episode message time to land, if it were to
+    [(episode_id, response, model_type)] = rows()
+    assert episode_id == f"job:{job.id}" and model_type == "default:fake-model"
+    assert response == "first run"
+
+
+def test_history_recalls_the_sessions_last_episodes_in_order(llm, workers, submitter, engine):
+    workers.start("episodes")
+    session = f"s-{time.monotonic_ns()}"
+    for i in range(3):
+        submitter.submit(
+            "episodes.record",
+            {
+                "user_id": "u",
+                "session_id": session,
+                "model_type": "m",
+                "prompt": f"question {i}",
+                "response": f"answer {i}",
+                "timestamp": f"2026-11-0{i + 1}T10:00:00Z",
+            },
+        )
+    from workers.store.episodes import query_episodes
+
+    wait_for(
+        lambda: len(query_episodes(engine, session_id=session).episodes) == 3, what="three episodes"
+    )
+    job = submitter.submit(
+        "ai.chat",
+        {
+            "messages": [{"role": "user", "content": "and now?"}],
+            "session_id": session,
+            "history": 2,
+        },
+    )
+    assert job.result(timeout=30)["success"] is True
+    sent = [(m["role"], m["content"]) for m in llm.requests[-1].body["messages"]]
+    assert sent == [
+        ("user", "question 1"),
+        ("assistant", "answer 1"),
+        ("user", "question 2"),
+        ("assistant", "answer 2"),
+        ("user", "and now?"),
+    ]
