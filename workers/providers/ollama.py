@@ -14,36 +14,25 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import requests
-
-from workers.failures import Permanent, Retryable
+from workers.failures import Retryable
 from workers.providers.base import (
     ChatRequest,
     Completion,
     Delta,
-    ProviderConfig,
-    deadline_for,
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from workers.providers.transport import new_session, open_stream, read_chunks, redact
+from workers.providers.transport import HTTPStreamingProvider, redact
 
 #: Bytes of one NDJSON line we accept; more without a newline means a broken server.
 MAX_LINE_BYTES = 1024 * 1024
 
 
-class OllamaProvider:
+class OllamaProvider(HTTPStreamingProvider):
     """Streams chat completions from one Ollama server."""
 
-    def __init__(self, config: ProviderConfig, session: requests.Session | None = None):
-        if not config.base_url:
-            raise ValueError(f"provider {config.name!r} has no base_url")
-        self.config = config
-        self._session = session or new_session(config.base_url)
-        self._url = f"{config.base_url}/api/chat"
-
-    def close(self) -> None:
-        self._session.close()
+    path = "/api/chat"
+    accept = "application/x-ndjson"
 
     def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -58,32 +47,10 @@ class OllamaProvider:
             body["options"] = options
         return body
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/x-ndjson", "Accept-Encoding": "identity"}
-        if self.config.api_key:  # Ollama itself has no keys; a proxy in front of it may.
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        return headers
-
     def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
         name = self.config.name
-        model = request.model or self.config.default_model
-        if not model:
-            raise Permanent(f"{name}: no model named by the job nor configured (LLM_MODEL)")
-        started = time.monotonic()
-        deadline = deadline_for(request, self.config, started)
-        response = open_stream(
-            self._session,
-            self._url,
-            body=self._body(request, model),
-            headers=self._headers(),
-            config=self.config,
-            request=request,
-            started=started,
-            deadline=deadline,
-        )
-        chunks = read_chunks(
-            response, config=self.config, request=request, started=started, deadline=deadline
-        )
+        model = self._model(request)
+        _, chunks, started = self._open(request, model)
         parts: list[str] = []
         ttft: float | None = None
         final: dict[str, Any] | None = None

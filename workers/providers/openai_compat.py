@@ -15,24 +15,18 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-import requests
-
-from workers.failures import Permanent, Retryable
+from workers.failures import Retryable
 from workers.providers.base import (
     ChatRequest,
     Completion,
     Delta,
-    ProviderConfig,
-    deadline_for,
     estimate_prompt_tokens,
     estimate_tokens,
 )
 from workers.providers.transport import (
+    HTTPStreamingProvider,
     ServerError,
     failure_in_stream,
-    new_session,
-    open_stream,
-    read_chunks,
 )
 
 #: Bytes of one SSE line we accept; a server streaming more without a newline is broken.
@@ -89,18 +83,11 @@ class SSEDecoder:
         return None  # id, retry and unknown fields mean nothing to a chat completion
 
 
-class OpenAICompatProvider:
+class OpenAICompatProvider(HTTPStreamingProvider):
     """Streams chat completions from one OpenAI-compatible server."""
 
-    def __init__(self, config: ProviderConfig, session: requests.Session | None = None):
-        if not config.base_url:
-            raise ValueError(f"provider {config.name!r} has no base_url")
-        self.config = config
-        self._session = session or new_session(config.base_url)
-        self._url = f"{config.base_url}/chat/completions"
-
-    def close(self) -> None:
-        self._session.close()
+    path = "/chat/completions"
+    accept = "text/event-stream"
 
     def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -117,37 +104,9 @@ class OpenAICompatProvider:
             body["stop"] = list(request.stop)
         return body
 
-    def _headers(self) -> dict[str, str]:
-        headers = {
-            "Accept": "text/event-stream",
-            # Compression would hold chunks back until a buffer fills.
-            "Accept-Encoding": "identity",
-        }
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        return headers
-
     def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
-        model = request.model or self.config.default_model
-        if not model:
-            raise Permanent(
-                f"{self.config.name}: no model named by the job nor configured (LLM_MODEL)"
-            )
-        started = time.monotonic()
-        deadline = deadline_for(request, self.config, started)
-        response = open_stream(
-            self._session,
-            self._url,
-            body=self._body(request, model),
-            headers=self._headers(),
-            config=self.config,
-            request=request,
-            started=started,
-            deadline=deadline,
-        )
-        chunks = read_chunks(
-            response, config=self.config, request=request, started=started, deadline=deadline
-        )
+        model = self._model(request)
+        response, chunks, started = self._open(request, model)
         content_type = response.headers.get("content-type", "")
         if content_type.startswith("application/json"):
             yield from self._whole(chunks, request, model, started)

@@ -31,6 +31,7 @@ from workers.providers.base import (
     DeadlineExceeded,
     ProviderConfig,
     check_deadline,
+    deadline_for,
 )
 
 #: Seconds: the longest wait a server may ask of us. A longer ask is capped, not obeyed: the
@@ -328,3 +329,61 @@ def _arm_read_timeout(response: requests.Response, seconds: float) -> None:
     sock = getattr(getattr(response.raw, "connection", None), "sock", None)
     if sock is not None:
         sock.settimeout(max(seconds, 0.001))
+
+
+class HTTPStreamingProvider:
+    """What the two wire clients share: one session, the endpoint, the headers, and opening a
+    stream under the request's deadline. Subclasses say ``path``, ``accept`` and ``_body``."""
+
+    #: Endpoint under the base URL, and the media type of its stream.
+    path = ""
+    accept = ""
+
+    def __init__(self, config: ProviderConfig, session: requests.Session | None = None):
+        if not config.base_url:
+            raise ValueError(f"provider {config.name!r} has no base_url")
+        self.config = config
+        self._session = session or new_session()
+        self._url = f"{config.base_url}{self.path}"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _headers(self) -> dict[str, str]:
+        # Compression would hold chunks back until a buffer fills.
+        headers = {"Accept": self.accept, "Accept-Encoding": "identity"}
+        if self.config.api_key:  # Ollama itself has no keys; a proxy in front of it may.
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        return headers
+
+    def _model(self, request: ChatRequest) -> str:
+        model = request.model or self.config.default_model
+        if not model:
+            raise Permanent(
+                f"{self.config.name}: no model named by the job nor configured (LLM_MODEL)"
+            )
+        return model
+
+    def _open(
+        self, request: ChatRequest, model: str
+    ) -> tuple[requests.Response, Generator[bytes, None, None], float]:
+        """The response, its chunks (read under the deadline) and when the call started."""
+        started = time.monotonic()
+        deadline = deadline_for(request, self.config, started)
+        response = open_stream(
+            self._session,
+            self._url,
+            body=self._body(request, model),
+            headers=self._headers(),
+            config=self.config,
+            request=request,
+            started=started,
+            deadline=deadline,
+        )
+        chunks = read_chunks(
+            response, config=self.config, request=request, started=started, deadline=deadline
+        )
+        return response, chunks, started
