@@ -7,6 +7,7 @@ conveyor beat [celery args]          the scheduler (celery-redbeat, lock-safe)
 conveyor flower [flower args]        monitoring (authentication required outside dev mode)
 conveyor migrate                     bring the database schema up to date
 conveyor submit TASK --data JSON     enqueue a job; --wait for its result, --follow its events
+conveyor cancel JOB_ID               ask a job to stop (queued or streaming)
 conveyor episodes [filters]          episodes as JSON lines, newest first (--cursor pages on)
 """
 
