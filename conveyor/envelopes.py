@@ -20,10 +20,16 @@ FAMILIES: dict[str, tuple[str, str]] = {
 TERMINAL_TYPES = frozenset({"complete", "error"})
 
 
+def iso_ms(when: datetime) -> str:
+    """``2026-11-22T10:00:00.000Z``: milliseconds, UTC, the form dashboards parse. A time
+    without a zone is taken as UTC (Celery's ``date_done`` is naive UTC)."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
 def utc_now_iso() -> str:
-    """``2026-11-22T10:00:00.000Z``: milliseconds, UTC, the form dashboards parse."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return iso_ms(datetime.now(UTC))
 
 
 def result_envelope(

@@ -27,7 +27,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from conveyor import keys
-from conveyor.envelopes import TERMINAL_TYPES, result_envelope
+from conveyor.envelopes import TERMINAL_TYPES, iso_ms, result_envelope
 from conveyor.errors import ConveyorError, JobFailed, PayloadError
 from conveyor.names import queue_for
 from conveyor.schemas import schema_for, validate_payload
@@ -76,7 +76,7 @@ class Job:
             self.id,
             success=False,
             error=_describe_failure(value),
-            timestamp=_iso(async_result.date_done),
+            timestamp=iso_ms(async_result.date_done) if async_result.date_done else None,
         )
         if raise_on_failure:
             raise JobFailed(envelope["error"])
@@ -318,9 +318,3 @@ def _describe_failure(value: Any) -> str:
     if isinstance(value, BaseException):
         return str(value) or type(value).__name__
     return f"job ended without a result envelope: {value!r}"
-
-
-def _iso(when: datetime | None) -> str | None:
-    if when is None:
-        return None
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"

@@ -8,19 +8,14 @@ import time
 import pytest
 
 from tests.fakes.llm_server import OPENAI_PATH, FakeLLMServer, Reply
-from tests.support.ai import SECRET, ai_env, events_of, reset_upstream_state
-from tests.support.queues import messages, purge
+from tests.support.ai import SECRET, ai_env, events_of, fresh_upstream_state  # noqa: F401
+from tests.support.queues import messages
 from tests.support.waiting import wait_for
 from tests.support.workers import WorkerFactory
 from workers.store import dead_letters
 
-
-@pytest.fixture(autouse=True)
-def fresh_upstream_state(redis_client):
-    reset_upstream_state(redis_client)
-    purge(redis_client, "ai", "episodes")
-    yield
-    purge(redis_client, "ai", "episodes")
+#: Each test starts with closed circuits, full budgets and empty queues.
+pytestmark = pytest.mark.usefixtures("fresh_upstream_state")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import time
 import pytest
 
 from tests.fakes.llm_server import OLLAMA_PATH, FakeLLMServer, Reply
-from tests.support.ai import ai_env, events_of, reset_upstream_state
-from tests.support.queues import purge
+from tests.support.ai import ai_env, events_of, fresh_upstream_state  # noqa: F401
 from tests.support.waiting import wait_for
 from tests.support.workers import WorkerFactory
 
-
-@pytest.fixture(autouse=True)
-def fresh_upstream_state(redis_client):
-    reset_upstream_state(redis_client)
-    purge(redis_client, "ai", "episodes")
-    yield
-    purge(redis_client, "ai", "episodes")
+#: Each test starts with closed circuits, full budgets and empty queues.
+pytestmark = pytest.mark.usefixtures("fresh_upstream_state")
 
 
 def test_ollama_native_provider_by_name(llm_server, submitter, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conveyor import keys
 from tests.fakes.llm_server import FakeLLMServer
 
@@ -32,3 +34,14 @@ def reset_upstream_state(redis_client) -> None:
     for pattern in ("conveyor:breaker:*", "conveyor:ratelimit:*"):
         for key in redis_client.scan_iter(pattern):
             redis_client.delete(key)
+
+
+@pytest.fixture
+def fresh_upstream_state(redis_client):
+    """Closed circuits, full budgets, and empty ai/episodes queues before and after a test."""
+    from tests.support.queues import purge
+
+    reset_upstream_state(redis_client)
+    purge(redis_client, "ai", "episodes")
+    yield
+    purge(redis_client, "ai", "episodes")
