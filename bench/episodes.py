@@ -7,8 +7,9 @@ Postgres (or ``--redis-url`` / ``--database-url``), with the ``episodes`` pool e
 configured (``CONVEYOR_EPISODES_*`` from the environment apply), it measures four tasks drained
 by the same worker command (``conveyor worker episodes``, ``--workers`` of them):
 
-- ``batched``: ``episodes.record``, the real path (batched insert, acknowledged after commit);
-- ``batched-noop``: the same batching mechanism with nothing to write;
+- ``batched``: ``episodes.record``, the real path: ``submit_many``, packed (up to
+  ``CONVEYOR_EPISODES_PACK`` records a message), batched insert, acknowledged after commit;
+- ``batched-noop``: the same packing and batching mechanism with nothing to write;
 - ``one-row``: a plain Celery task inserting one row per message (the baseline);
 - ``plain-noop``: a plain Celery task doing nothing (Celery's floor per message);
 
@@ -54,6 +55,11 @@ TASKS = {
     "plain-noop": "bench.noop",
 }
 WRITES = {"batched", "one-row"}
+#: Sent many records a message (as ``submit_many`` sends episodes); the others one a message.
+PACKED = {"batched", "batched-noop"}
+#: Records one ``submit_many`` call sends: pre-loading, pipeline, fixed-rate phases. A packed
+#: message holds at most this many (and at most ``CONVEYOR_EPISODES_PACK``).
+PRELOAD_CHUNK, PIPELINE_CHUNK, RATE_CHUNK = 500, 50, 20
 _WORDS = [
     "model",
     "answer",
@@ -210,6 +216,7 @@ class Bench:
         self.pool = celeryconfig.conveyor_pools[QUEUE]
         self.batch_size = celeryconfig.conveyor_episodes_batch_size
         self.flush_ms = celeryconfig.conveyor_episodes_flush_ms
+        self.pack = celeryconfig.conveyor_episodes_pack
         self.redis_pid: int | None = None
         self.postgres_pid: int | None = None
 
@@ -239,38 +246,34 @@ class Bench:
             conn.execute(text("TRUNCATE episodic_logs"))
 
     def send(self, mode: str, records: list[dict[str, Any]]) -> None:
-        """``submit_many`` for the public task; the same send loop for the bench-only ones."""
+        """``submit_many`` for the public task (packed: up to ``CONVEYOR_EPISODES_PACK``
+        records a message); the same send path for the bench-only tasks, packed the same way
+        for ``batched-noop`` and one message per record for the plain tasks."""
         task = TASKS[mode]
         if task == "episodes.record":
             self.submitter.submit_many(task, records)
             return
         import uuid
 
-        app = self.submitter.app
-        with app.producer_or_acquire() as producer:
-            for record in records:
-                app.send_task(
-                    task,
-                    args=(record,),
-                    task_id=str(uuid.uuid4()),
-                    queue=QUEUE,
-                    routing_key=QUEUE,
-                    priority=5,
-                    producer=producer,
-                )
+        self.submitter._send(
+            task,
+            [(str(uuid.uuid4()), record) for record in records],
+            priority=5,
+            countdown=None,
+            eta=None,
+            pack=self.pack if mode in PACKED else 1,
+            queue=QUEUE,
+        )
 
-    def wait_done(self, mode: str, tag: str, n: int, timeout_s: float) -> tuple[float, float]:
-        """Perf-counter times of the first message taken and of the queue fully acknowledged
-        (and, for the writing tasks, all ``n`` rows there)."""
-        first = None
+    def wait_done(self, mode: str, tag: str, n: int, timeout_s: float) -> float:
+        """Perf-counter time when the queue is fully acknowledged (and, for the writing tasks,
+        all ``n`` rows are there)."""
         deadline = time.perf_counter() + timeout_s
         while True:
             waiting, unacked = self.outstanding()
             now = time.perf_counter()
-            if first is None and waiting < n:
-                first = now
             if waiting + unacked == 0 and (mode not in WRITES or self.rows(tag) >= n):
-                return (first or now), now
+                return now
             if now > deadline:
                 raise TimeoutError(
                     f"{mode}: {waiting} waiting, {unacked} unacknowledged after {timeout_s} s"
@@ -323,11 +326,12 @@ class Bench:
         self.reset()
         records = make_records(n, f"{mode}-drain")
         t = time.perf_counter()
-        for i in range(0, n, 500):
-            self.send(mode, records[i : i + 500])
+        for i in range(0, n, PRELOAD_CHUNK):
+            self.send(mode, records[i : i + PRELOAD_CHUNK])
         submit_rate = n / (time.perf_counter() - t)
         lists = {key: self.redis.dump(key) for key in self.queue_keys if self.redis.exists(key)}
-        return {"n": n, "lists": lists, "submit_per_s": round(submit_rate, 1)}
+        messages = self.outstanding()[0]
+        return {"n": n, "messages": messages, "lists": lists, "submit_per_s": round(submit_rate, 1)}
 
     def drain(self, mode: str, backlog: dict[str, Any]) -> dict[str, Any]:
         """Start the workers on the pre-loaded queue; records/s from the first message taken
@@ -341,14 +345,14 @@ class Bench:
             first = None
             # CPU from the moment the first message is taken: not the workers' start-up.
             while first is None:
-                if self.outstanding()[0] < n:
+                if self.outstanding()[0] < backlog["messages"]:
                     first = time.perf_counter()
                     cpu_before = self.cpu(workers)
                 elif any(w.popen.poll() is not None for w in workers):
                     raise RuntimeError(f"{mode}: a worker exited: see {workers[0].log}")
                 else:
                     time.sleep(0.005)
-            _, done = self.wait_done(mode, f"{mode}-drain", n, timeout_s=600)
+            done = self.wait_done(mode, f"{mode}-drain", n, timeout_s=600)
             cpu_after = self.cpu(workers)
         finally:
             stop_workers(workers)
@@ -368,7 +372,7 @@ class Bench:
         finally:
             stop_workers(workers)
 
-    def pipeline(self, mode: str, n: int, chunk: int = 50) -> dict[str, Any]:
+    def pipeline(self, mode: str, n: int, chunk: int = PIPELINE_CHUNK) -> dict[str, Any]:
         """One producer submits as fast as it can while the workers drain."""
         tag = f"{mode}-pipeline"
         records = make_records(n, tag, seed=5)
@@ -387,7 +391,7 @@ class Bench:
             result.update(_percentiles(self.latencies(tag)))
         return result
 
-    def fixed_rate(self, mode: str, chunk: int = 20) -> dict[str, Any] | None:
+    def fixed_rate(self, mode: str, chunk: int = RATE_CHUNK) -> dict[str, Any] | None:
         """Submit at ``--rate`` records/s for ``--seconds``: latency when nothing is queued."""
         if mode not in WRITES:
             return None
@@ -531,15 +535,16 @@ def print_report(report: Report) -> None:
     print("machine:", json.dumps(report.machine))
     print("config: ", json.dumps(report.config))
     head = (
-        f"{'task':<14}{'drain/s':>10}{'pipeline/s':>12}{'submit/s':>10}{'pipe p50':>10}"
-        f"{'pipe p99':>10}{'rate p50':>10}{'rate p99':>10}   cpu ms/record (workers pg redis)"
+        f"{'task':<14}{'rec/msg':>8}{'drain/s':>10}{'pipeline/s':>12}{'submit/s':>10}"
+        f"{'pipe p50':>10}{'pipe p99':>10}{'rate p50':>10}{'rate p99':>10}"
+        "   cpu ms/record (workers pg redis)"
     )
     print("\n" + head)
     for mode, m in report.modes.items():
         cpu = m["drain"]["cpu_ms_per_record"]
         p, lat = m["pipeline"], m["latency"] or {}
         print(
-            f"{mode:<14}{m['drain']['per_s']:>10,.0f}{p['per_s']:>12,.0f}{m['submit_per_s']:>10,.0f}"
+            f"{mode:<14}{m['records_per_message']:>8g}{m['drain']['per_s']:>10,.0f}{p['per_s']:>12,.0f}{m['submit_per_s']:>10,.0f}"
             f"{_ms(p.get('p50_ms')):>10}{_ms(p.get('p99_ms')):>10}"
             f"{_ms(lat.get('p50_ms')):>10}{_ms(lat.get('p99_ms')):>10}"
             f"   {cpu['workers']:.3f} {cpu['postgres']:.3f} {cpu['redis']:.3f}"
@@ -547,7 +552,7 @@ def print_report(report: Report) -> None:
     for mode, m in report.modes.items():
         print(f"  {mode} drain rounds/s: {m['drain']['rounds_per_s']}")
     for method, r in report.raw.items():
-        print(f"{'raw ' + method:<14}{r['per_s']:>10,.0f}   (no queue, {r['batch']} a batch)")
+        print(f"{'raw ' + method:<22}{r['per_s']:>10,.0f}   (no queue, {r['batch']} a batch)")
     print()
     for name, value in report.ratios.items():
         print(f"  {name:<48} {value}")
@@ -630,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": bench.pool["concurrency"],
                 "prefetch_multiplier": bench.pool["prefetch_multiplier"],
                 "batch_size": bench.batch_size,
+                "pack": bench.pack,
+                "submit_many_chunks": {
+                    "preload": PRELOAD_CHUNK,
+                    "pipeline": PIPELINE_CHUNK,
+                    "rate": RATE_CHUNK,
+                },
                 "flush_ms": bench.flush_ms,
                 "records": args.records,
                 "slow_records": args.slow_records,
@@ -652,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             report.modes[mode] = {
                 "task": TASKS[mode],
                 "submit_per_s": backlogs[mode]["submit_per_s"],
+                "records_per_message": round(backlogs[mode]["n"] / backlogs[mode]["messages"], 1),
                 "drain": _median_drain(drains[mode], backlogs[mode]["n"]),
                 "pipeline": pipeline,
                 "latency": latency,

@@ -11,6 +11,9 @@ needs neither the workers' code nor their dependencies.
     for event in job.events():                    # replay, then follow live, until it ends
         print(event["event"], event["data"])
     print(job.result(timeout=60))                 # the result envelope
+
+``submit_many`` of ``episodes.record`` packs its records into few messages (up to
+``CONVEYOR_EPISODES_PACK`` each): see ``PACK_HEADER``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ from conveyor.schemas import schema_for, validate_payload
 
 #: Characters of a payload shown in Flower and worker logs (``argsrepr``): prompts can be long.
 _ARGSREPR_CHARS = 200
+
+#: A packed message: many records of one task submitted together travel as one broker message
+#: (Celery's cost per message, not the records', bounds the episodes pool). Its args are the
+#: records, in order; this header lists each record's own job id, aligned with the args; the
+#: message has an id of its own. A message of one record is a plain Celery message, as ever.
+PACK_HEADER = "conveyor_pack"
+
+#: Tasks whose ``submit_many`` packs records, with the setting (``celeryconfig``) of how many
+#: records a message carries at most. Only batched tasks, whose worker expands a pack, qualify.
+_PACKED_TASKS = {"episodes.record": "conveyor_episodes_pack"}
 
 
 class Job:
@@ -125,6 +138,9 @@ class Submitter:
             redis_url or celeryconfig.redis_url, socket_timeout=30, socket_connect_timeout=5
         )
         self._max_bytes: int = celeryconfig.conveyor_max_payload_bytes
+        self._pack: dict[str, int] = {
+            task: getattr(celeryconfig, setting) for task, setting in _PACKED_TASKS.items()
+        }
         self._idempotency_ttl: int = celeryconfig.conveyor_idempotency_ttl
         # A delayed job waits, unacknowledged, in a worker until it is due: past the visibility
         # timeout (less the time it may then run) Redis would hand it to a second worker.
@@ -167,7 +183,8 @@ class Submitter:
         eta: datetime | None = None,
     ) -> list[Job]:
         """Validate every payload first (one bad payload enqueues nothing), then send them all
-        over one broker connection. Jobs come back in the order of ``payloads``."""
+        over one broker connection. Jobs come back in the order of ``payloads``, one per
+        payload, each with its own id, even where records share a packed message."""
         payloads = list(payloads)
         idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
         if len(idem) != len(payloads):
@@ -276,25 +293,48 @@ class Submitter:
         priority: int | None,
         countdown: float | None,
         eta: datetime | None,
+        pack: int | None = None,
+        queue: str | None = None,
     ) -> None:
+        """Send ``jobs`` (job id, payload) of ``task``, up to ``pack`` a message (default: the
+        task's setting, 1 for tasks that are not packed). Not validated here: ``submit_many``
+        did that (``bench.episodes`` sends its bench-only tasks through here too, naming the
+        queue of a task that is not public)."""
         if not jobs:
             return
-        queue = queue_for(task)
+        queue = queue or queue_for(task)
         if priority is None:
             priority = self.app.conf.task_default_priority  # send_task does not apply it itself
+        size = pack or self._pack.get(task, 1)
+        options = {
+            "queue": queue,
+            "routing_key": queue,
+            "priority": priority,
+            "countdown": countdown,
+            "eta": eta,
+        }
         with self.app.producer_or_acquire() as producer:
-            for job_id, payload in jobs:
+            for start in range(0, len(jobs), size):
+                part = jobs[start : start + size]
+                if len(part) == 1:  # exactly the message anyone would send with Celery
+                    [(job_id, payload)] = part
+                    self.app.send_task(
+                        task,
+                        args=(payload,),
+                        task_id=job_id,
+                        producer=producer,
+                        argsrepr=_short(payload),
+                        **options,
+                    )
+                    continue
                 self.app.send_task(
                     task,
-                    args=(payload,),
-                    task_id=job_id,
-                    queue=queue,
-                    routing_key=queue,
-                    priority=priority,
-                    countdown=countdown,
-                    eta=eta,
+                    args=tuple(payload for _, payload in part),
+                    task_id=str(uuid.uuid4()),
+                    headers={PACK_HEADER: [job_id for job_id, _ in part]},
                     producer=producer,
-                    argsrepr=_short(payload),
+                    argsrepr=f"{len(part)} records, the first: {_short(part[0][1])}",
+                    **options,
                 )
 
     def close(self) -> None:

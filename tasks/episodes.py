@@ -2,8 +2,9 @@
 
 ``episodes.record`` is a batched task (``workers.batching``): the episodes pool writes records
 in batches of ``CONVEYOR_EPISODES_BATCH_SIZE`` (or whatever arrived within
-``CONVEYOR_EPISODES_FLUSH_MS``), one round trip each, and acknowledges a message only after
-the batch holding it committed. It publishes no per-record events and keeps no success result:
+``CONVEYOR_EPISODES_FLUSH_MS``), one round trip each, and acknowledges a message (one record,
+or up to ``CONVEYOR_EPISODES_PACK`` packed by ``submit_many``) only after every record in it is
+settled. It publishes no per-record events and keeps no success result:
 at the rates episodes arrive, a stream and a result per record would cost Redis more than the
 write itself. A record that fails for good (poison, or refused by Postgres) gets its
 ``episode_error`` event, a failed result and a row in ``dead_letters``.

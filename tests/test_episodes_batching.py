@@ -1,6 +1,8 @@
 """The batch mechanism's own fault paths, through a real worker: a message that kills its
 pool process, and one whose batch fails with a permanent error, are isolated by splitting
 their batches and end in ``dead_letters``; every other message of those batches is settled.
+The same holds for records inside packed messages: each is isolated alone, under its own job
+id, and its message is acknowledged once all its records are settled.
 
 The worker imports this module (``-I tests.test_episodes_batching``) for its batch task.
 """
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import uuid
 
+from conveyor.submitter import PACK_HEADER
 from tests.support.waiting import wait_for
 from workers import connections
 from workers.batching import BatchContext, Item, Verdict, batch_job
@@ -70,6 +73,47 @@ def test_a_killer_and_a_failing_message_are_isolated_and_the_rest_settled(
     assert f"ValueError: cannot take {ids[29]}" in failing["error"]
     assert redis_client.scard(_settled_key(run)) == 38
     assert worker.process.poll() is None  # the worker itself lived through it
+    redis_client.delete(_settled_key(run))
+
+
+def test_in_packed_messages_a_killer_and_a_failing_record_are_isolated_alone(
+    workers, submitter, engine, redis_client
+):
+    run = uuid.uuid4().hex[:8]
+    payloads = [{"run": run} for _ in range(40)]
+    payloads[11] = {"run": run, "kill": True}
+    payloads[29] = {"run": run, "raise": True}
+    ids = [str(uuid.uuid4()) for _ in payloads]
+    for start in range(0, 40, 10):  # four messages of ten records
+        submitter.app.send_task(
+            TASK,
+            args=tuple(payloads[start : start + 10]),
+            task_id=str(uuid.uuid4()),
+            headers={PACK_HEADER: ids[start : start + 10]},
+            queue=QUEUE,
+            routing_key=QUEUE,
+        )
+    worker = workers.start(
+        QUEUE,
+        env={"CONVEYOR_MAX_DELIVERIES": "2", "CONVEYOR_EPISODES_FLUSH_MS": "1000"},
+        args=("-I", "tests.test_episodes_batching"),
+    )
+    good = {job_id for i, job_id in enumerate(ids) if i not in (11, 29)}
+    wait_for(
+        lambda: {m.decode() for m in redis_client.smembers(_settled_key(run))} >= good,
+        timeout=60,
+        what="the 38 good records settled",
+    )
+    killer = wait_for(lambda: dead_letters.find(engine, ids[11]), timeout=60, what="killer")
+    failing = wait_for(lambda: dead_letters.find(engine, ids[29]), timeout=30, what="failing")
+    assert killer["reason"] == "poison" and killer["payload"] == payloads[11]
+    assert "killed its pool process 2 times: WorkerLostError" in killer["error"]
+    assert failing["reason"] == "permanent"
+    assert f"ValueError: cannot take {ids[29]}" in failing["error"]
+    # Every message acknowledged once all its records settled; nothing goes round again.
+    wait_for(lambda: redis_client.hlen("unacked") == 0, timeout=10, what="messages acked")
+    assert redis_client.scard(_settled_key(run)) == 38
+    assert worker.process.poll() is None
     redis_client.delete(_settled_key(run))
 
 

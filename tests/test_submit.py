@@ -1,5 +1,6 @@
 """The submitter: validation before enqueue, routing by name, idempotency, batches, the CLI."""
 
+import base64
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 from conveyor import PayloadError, UnknownTaskError
 from conveyor.names import QUEUES, TASK_QUEUES
+from conveyor.submitter import PACK_HEADER
 from tests.payloads import VALID
 from tests.support.queues import messages, purge
 
@@ -98,10 +100,21 @@ def test_submit_many_keeps_order_and_dedupes_within_the_batch(submitter, redis_c
     jobs = submitter.submit_many("episodes.record", payloads, idempotency_keys=keys)
     assert jobs[0].id == jobs[2].id and jobs[2].duplicate
     assert len({j.id for j in jobs}) == 4
-    waiting = messages(redis_client, "episodes")
-    assert len(waiting) == 4
-    by_id = {m["headers"]["id"]: m for m in waiting}
-    assert by_id[jobs[1].id]["headers"]["argsrepr"].startswith('{"user_id": "u1"')
+    # Episodes submitted together travel packed: one message, each record's job id in order.
+    [packed] = messages(redis_client, "episodes")
+    assert packed["headers"][PACK_HEADER] == [jobs[i].id for i in (0, 1, 3, 4)]
+    assert packed["headers"]["id"] not in {j.id for j in jobs}
+    assert packed["headers"]["argsrepr"].startswith('4 records, the first: {"user_id": "u0"')
+    body_args = json.loads(base64.b64decode(packed["body"]))[0]
+    assert [p["user_id"] for p in body_args] == ["u0", "u1", "u3", "u4"]
+
+
+def test_one_episode_is_a_plain_celery_message(submitter, redis_client):
+    job = submitter.submit("episodes.record", {"user_id": "u", "model_type": "m"})
+    [message] = messages(redis_client, "episodes")
+    assert message["headers"]["id"] == job.id and PACK_HEADER not in message["headers"]
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == ([{"user_id": "u", "model_type": "m"}], {})
 
 
 def test_priority_is_checked(submitter):

@@ -1,5 +1,5 @@
 """Batched tasks: the worker's consumer collects a task's messages, the pool runs them in
-batches, and each message is acknowledged only once its batch has settled it.
+batches, and each message is acknowledged only once its batches have settled every record in it.
 
 ``@batch_job("episodes.record", family="episodes")`` registers ``fn(ctx, items) -> Verdict``.
 Messages of that task are not run one by one: the consumer keeps them (unacknowledged) in a
@@ -7,25 +7,34 @@ buffer and hands the pool a batch when it holds ``size`` of them or when the old
 ``flush`` ms. In the pool process the function validates, writes and returns a ``Verdict``;
 back in the consumer each settled message is acknowledged and the rest wait and go again.
 
+A message may carry many records (``conveyor.submitter.PACK_HEADER``: the args are the records,
+that header their job ids, in order). The consumer expands it into one ``Item`` per record, each
+with its own job id, so everything below holds per record; ``size`` counts records, and the
+message is acknowledged once all of its records are settled (written, already there, or
+dead-lettered), or given back to the queue once, whole, when the worker shuts down.
+
 What each message still gets, as with ``workers.jobs.job``:
 
 - validation on receipt: the function validates each payload, and ``ctx.fail`` dead-letters a
   poison one (an ``*_error`` event and a failed result go with it);
-- nothing lost: a message is acknowledged after its batch committed. A batch that could not
-  be written (an outage: ``workers.failures.classify`` says retryable) keeps its messages,
-  unacknowledged, and retries them with capped exponential backoff for as long as it takes.
+- nothing lost: a message is acknowledged after the batches holding its records committed. A
+  batch that could not be written (an outage: ``workers.failures.classify`` says retryable)
+  keeps its records, unacknowledged, and retries them with capped exponential backoff for as
+  long as it takes.
   A killed worker's messages go back to the queue (Redis' visibility timeout), to be written
   again: the function must make that a no-op (episodes: ``ON CONFLICT DO NOTHING``);
 - poison that kills its worker: a batch whose pool process died (or hit the hard time limit)
-  is split in halves and each half runs again, down to the one message that keeps killing it,
+  is split in halves and each half runs again, down to the one record that keeps killing it,
   which is dead-lettered after ``CONVEYOR_MAX_DELIVERIES`` kills; a batch failing with a
-  permanent error is split the same way, and the one message it belongs to is dead-lettered.
+  permanent error is split the same way, and the one record it belongs to is dead-lettered
+  (its siblings in a packed message are settled on their own).
 
 What a batched message does not get, on purpose: per-message start/complete events and a
 success result. At thousands of messages a second those would cost Redis more than the work
 itself (each event is a stream, a counter and a publish, kept a day; each result a key).
 Failures keep both. Nor do Flower or ``celery inspect`` list batched messages one by one;
-the worker's ``total`` count (what ``ops/healthcheck.py`` reads) does include them.
+the worker's ``total`` count (what ``ops/healthcheck.py`` reads) does include them (a record
+each).
 
 What it leans on, beyond Celery's public API (the tests drive real workers through all of it):
 a task's ``Strategy`` (as celery-batches does), the consumer's pool, timer and connection
@@ -62,6 +71,7 @@ from kombu.transport.virtual import base as virtual_base
 
 from conveyor.envelopes import FAMILIES
 from conveyor.errors import JobFailed
+from conveyor.submitter import PACK_HEADER
 from workers import connections
 from workers.app import app
 from workers.failures import Retryable, classify, compute_backoff
@@ -73,7 +83,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Item:
-    """One message of a batch, as the batch function sees it."""
+    """One record of a batch (a message, or one record of a packed message), as the batch
+    function sees it."""
 
     job_id: str
     #: As received: not validated yet.
@@ -222,17 +233,29 @@ def _fail_item(task_name: str, item: Item, reason: str, error: str, attempts: in
 
 
 @dataclass(eq=False)
-class _Held:
-    """A message the consumer holds, unacknowledged, until its batch settles it."""
+class _Delivery:
+    """A message the consumer holds, unacknowledged, until every record in it is settled."""
 
-    item: Item
     message: Any
     ack: Any
     reject: Any
+    #: Records of it not settled yet.
+    pending: int
+    #: ``held``, then ``acked`` (all settled) or ``given back`` (rejected to the queue, whole).
+    state: str = "held"
+
+
+@dataclass(eq=False)
+class _Held:
+    """One record the consumer holds until a batch settles it."""
+
+    item: Item
+    delivery: _Delivery
     #: Times its batch could not be written (an outage).
     attempt: int = 0
     #: Times it was alone in a batch whose pool process died.
     crashes: int = 0
+    settled: bool = False
 
 
 class Batcher:
@@ -289,19 +312,37 @@ class Batcher:
         if not job_id:
             raise InvalidTaskError("the message has no task id")
         args = list(args or ())
-        payload = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
-        delivery = message.delivery_info or {}
-        item = Item(
-            job_id=str(job_id),
-            payload=payload,
-            queue=delivery.get("routing_key"),
-            redelivered=bool(delivery.get("redelivered") or headers.get("redelivered")),
+        packed = headers.get(PACK_HEADER)
+        if packed is None:
+            job_ids = [str(job_id)]
+            payloads = [
+                args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
+            ]
+        else:
+            if not isinstance(packed, list) or not all(isinstance(j, str) and j for j in packed):
+                raise InvalidTaskError(f"{PACK_HEADER} is not a list of job ids")
+            if kwargs or len(packed) != len(args) or not args:
+                raise InvalidTaskError(
+                    f"a packed message must carry one job id per record, no kwargs: "
+                    f"{len(packed)} job ids, {len(args)} records"
+                )
+            job_ids, payloads = packed, args
+        info = message.delivery_info or {}
+        queue = info.get("routing_key")
+        redelivered = bool(info.get("redelivered") or headers.get("redelivered"))
+        delivery = _Delivery(message, ack, reject, pending=len(payloads))
+        self.add(
+            [
+                _Held(Item(job_id, payload, queue, redelivered), delivery)
+                for job_id, payload in zip(job_ids, payloads, strict=True)
+            ]
         )
-        self.add([_Held(item, message, ack, reject)])
 
     def add(self, held: list[_Held]) -> None:
         with self._lock:
-            self._buffer.extend(held)
+            # A record coming back for a retry after its message was given back has nothing
+            # left to do here: the whole message is on the queue again.
+            self._buffer.extend(h for h in held if h.delivery.state != "given back")
             while len(self._buffer) >= self._size:
                 batch = self._buffer[: self._size]
                 del self._buffer[: self._size]
@@ -355,31 +396,42 @@ class Batcher:
             self._retry_later([batch[i] for i in sorted(later)], verdict.reason)
 
     def _ack_all(self, batch: list[_Held]) -> None:
-        """Acknowledge a batch's messages in one Redis round trip where the transport is
-        kombu's Redis one (each ``message.ack()`` costs a client, a MULTI pipeline and a round
-        trip: a third of the consumer's time at this rate); one by one anywhere else."""
-        by_channel: dict[int, list[_Held]] = {}
+        """Settle a batch's records and acknowledge the messages whose every record is now
+        settled: in one Redis round trip where the transport is kombu's Redis one (each
+        ``message.ack()`` costs a client, a MULTI pipeline and a round trip: a third of the
+        consumer's time at this rate); one by one anywhere else."""
+        done: list[_Delivery] = []
         for held in batch:
-            by_channel.setdefault(id(held.message.channel), []).append(held)
+            if held.settled:
+                continue
+            held.settled = True
+            delivery = held.delivery
+            delivery.pending -= 1
+            if delivery.pending == 0 and delivery.state == "held":
+                delivery.state = "acked"
+                done.append(delivery)
+        by_channel: dict[int, list[_Delivery]] = {}
+        for delivery in done:
+            by_channel.setdefault(id(delivery.message.channel), []).append(delivery)
         for group in by_channel.values():
             qos = getattr(group[0].message.channel, "qos", None)
             if not isinstance(qos, kombu_redis.QoS):
-                for held in group:
-                    held.ack(log, self._errors)
+                for delivery in group:
+                    delivery.ack(log, self._errors)
                 continue
             try:
                 with qos.pipe_or_acquire() as pipe:
-                    for held in group:
-                        qos._remove_from_indices(held.message.delivery_tag, pipe)
+                    for delivery in group:
+                        qos._remove_from_indices(delivery.message.delivery_tag, pipe)
                     pipe.execute()
             except Exception as exc:
                 log.warning("%s: bulk acknowledgement failed (%r)", self.task_name, exc)
-                for held in group:  # Celery's own way, which logs what it cannot do
-                    held.ack(log, self._errors)
+                for delivery in group:  # Celery's own way, which logs what it cannot do
+                    delivery.ack(log, self._errors)
                 continue
-            for held in group:  # what message.ack() does besides the Redis writes
-                virtual_base.QoS.ack(qos, held.message.delivery_tag)
-                held.message._state = "ACK"
+            for delivery in group:  # what message.ack() does besides the Redis writes
+                virtual_base.QoS.ack(qos, delivery.message.delivery_tag)
+                delivery.message._state = "ACK"
 
     def _on_crash(self, batch: list[_Held], exc_info: Any) -> None:
         """The pool process running the batch died, or was killed at the hard time limit."""
@@ -437,8 +489,21 @@ class Batcher:
         self._timer.call_after(delay, self.add, (batch,))
 
     def _give_back(self, batch: list[_Held]) -> None:
+        """Reject the messages of ``batch`` back to the queue, each once and whole: every
+        record of a packed message comes back with it (those already written are no-ops).
+        Their other records still buffered here are dropped with them."""
+        back = []
         for held in batch:
-            held.reject(log, self._errors, True)
+            delivery = held.delivery
+            if delivery.state == "held":
+                delivery.state = "given back"
+                back.append(delivery)
+        if not back:
+            return
+        with self._lock:
+            self._buffer = [h for h in self._buffer if h.delivery.state == "held"]
+        for delivery in back:
+            delivery.reject(log, self._errors, True)
 
 
 def _describe(exc_info: Any) -> str:
