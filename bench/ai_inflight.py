@@ -753,6 +753,9 @@ def run_conveyor(setup: Setup) -> Phase:
     )
     if args.progress_interval is not None:
         env["CONVEYOR_AI_PROGRESS_INTERVAL"] = str(args.progress_interval)
+    for setting in args.worker_env:
+        name, _, value = setting.partition("=")
+        env[name] = value
     os.environ["REDIS_URL"] = url  # the submitter's celeryconfig reads it
     from conveyor import Submitter
 
@@ -996,6 +999,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"prefork processes of the baseline (2 x cores = {2 * cores})",
     )
     p.add_argument("--baseline-rounds", type=int, default=6, help="baseline jobs per slot (6)")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the ai workers, e.g. CONVEYOR_AI_PREFETCH=2 (repeatable)",
+    )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-conveyor", action="store_true")
     p.add_argument(

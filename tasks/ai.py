@@ -150,6 +150,7 @@ def _record(
     c = result.completion
     log_episode(
         ctx.job_id,
+        together=True,
         user_id=payload.user_id or "anonymous",
         session_id=payload.session_id,
         model_type=f"{result.provider}:{c.model}",
@@ -169,15 +170,8 @@ def _record(
 
 def _progress_sender(ctx: JobContext) -> Callable[[dict[str, Any]], None]:
     """``on_progress`` for a stream: the job's ``ai_generation_progress`` events go out in the
-    process's next event batch (``EventPublisher.publish_soon``), not one round trip each."""
-    event = f"{ctx.event_prefix}_progress"
-
-    def send(piece: dict[str, Any]) -> None:
-        ctx.publisher.publish_soon(
-            ctx.job_id, type="update", component=ctx.component, event=event, data=piece
-        )
-
-    return send
+    process's next event batch, not one round trip each."""
+    return functools.partial(ctx.emit_soon, "progress")
 
 
 @functools.cache

@@ -239,3 +239,37 @@ def test_history_recalls_the_sessions_last_episodes_in_order(llm, workers, submi
         ("assistant", "answer 2"),
         ("user", "and now?"),
     ]
+
+
+def test_episodes_of_jobs_ending_together_share_a_message_and_land_once(
+    llm, workers, submitter, redis_client, engine
+):
+    from sqlalchemy import text
+
+    from conveyor.submitter import PACK_HEADER
+
+    llm.default = Reply.ok("the same answer", chunk_delay_s=0.05)
+    jobs = submitter.submit_many("ai.generate", [{"prompt": f"p{i}"} for i in range(8)])
+    for job in jobs:
+        assert job.result(timeout=30)["success"] is True
+    # Every job waited for its episode's message: all are queued by now.
+    queued = messages(redis_client, "episodes")
+    records = [
+        record_id
+        for m in queued
+        for record_id in (m["headers"].get(PACK_HEADER) or [m["headers"]["id"]])
+    ]
+    assert sorted(records) == sorted(f"episode-{job.id}" for job in jobs)
+    assert len(queued) < len(jobs), "jobs that end together share a message"
+
+    workers.start("episodes")
+
+    def rows():
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT episode_id FROM episodic_logs WHERE job_id = ANY(:ids)"),
+                {"ids": [job.id for job in jobs]},
+            ).all()
+
+    wait_for(lambda: len(rows()) == len(jobs), what="one episode row per job")
+    assert sorted(r[0] for r in rows()) == sorted(f"job:{job.id}" for job in jobs)

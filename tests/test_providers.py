@@ -504,15 +504,19 @@ def test_ollama_stream_ended_before_done_is_retryable(llm_server):
 
 
 def test_ollama_stall_and_cancellation(llm_server):
-    llm_server.script(Reply.stall(30, after=1), Reply.ok("a b c d e f", chunk_delay_s=0.05))
+    llm_server.script(
+        Reply.stall(30, after=1), Reply.ok(" ".join("abcdefghijklmnop"), chunk_delay_s=0.1)
+    )
     started = time.monotonic()
     _, error = failure(ollama(llm_server, read_s=0.4).stream(request()))
     assert isinstance(error, Retryable) and "stalled" in str(error)
     assert time.monotonic() - started < 1.5
 
-    calls = iter(range(100))
-    with pytest.raises(Cancelled):
-        collect(ollama(llm_server).stream(request(should_stop=lambda: next(calls) >= 3)))
+    seen: list[Delta | Completion] = []
+    with pytest.raises(Cancelled):  # should_stop is read between chunks, every SWEEP_S at most
+        for event in ollama(llm_server).stream(request(should_stop=lambda: len(seen) >= 2)):
+            seen.append(event)
+    assert 2 <= len(seen) < 16
 
 
 # --- The local echo -------------------------------------------------------------------------------

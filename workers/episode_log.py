@@ -4,36 +4,144 @@ outage delays the episode without failing the job that produced it.
 
 The episode id is derived from the job id, so a job that runs twice (redelivered) sends the
 same episode twice and the second is a no-op.
+
+A busy ``ai`` worker finishes dozens of jobs a second, and one Celery message per episode cost
+a seventh of such a job's CPU (serializing, a ``task-sent`` event, a round trip). So ``ai`` jobs
+send theirs ``together``: through the process's ``EpisodeOutbox``, which puts every episode
+that arrives within ``CONVEYOR_EPISODE_OUTBOX_MS`` into one packed message (the format
+``Submitter.submit_many`` uses). A job waits until the message holding its episode is on the
+broker, so it never finishes, and is acknowledged, with its episode only in memory.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from conveyor.names import queue_for
 from conveyor.schemas.episodes import EpisodePayload
+from conveyor.submitter import PACK_HEADER
 from workers.app import app
+from workers.failures import Retryable
+
+#: Seconds a job waits at most for the message holding its episode to be sent (a send is
+#: bounded by the broker's own timeouts; this is a safety net).
+_SENT_WAIT_S = 120.0
+
+#: (record id, payload) of one episode on its way.
+Record = tuple[str, dict[str, Any]]
 
 
 def episode_id_for(job_id: str) -> str:
     return f"job:{job_id}"
 
 
-def log_episode(job_id: str, **fields: Any) -> str:
+def log_episode(job_id: str, *, together: bool = False, **fields: Any) -> str:
     """Validate and enqueue one episode for ``job_id``; returns the episode id.
 
     ``fields`` are ``EpisodePayload``'s (user_id, model_type, prompt, response, tokens, ...).
+    ``together``: share a message with the episodes other threads of this process log within
+    the outbox window (for pools of many threads; a lone thread would only wait).
     """
     episode_id = episode_id_for(job_id)
     payload = EpisodePayload.model_validate(
         {**fields, "episode_id": episode_id, "job_id": job_id}
     ).model_dump(mode="json", exclude_none=True)
+    record = (f"episode-{job_id}", payload)
+    if together:
+        outbox().put(record)
+    else:
+        send_episodes([record])
+    return episode_id
+
+
+def send_episodes(records: list[Record]) -> None:
+    """One ``episodes.record`` message: a plain one for one record, else a pack."""
     queue = queue_for("episodes.record")
+    if len(records) == 1:
+        [(record_id, payload)] = records
+        args, task_id, headers = (payload,), record_id, None
+        argsrepr = f"episode of {payload.get('job_id')}"
+    else:
+        args = tuple(payload for _, payload in records)
+        task_id, headers = str(uuid.uuid4()), {PACK_HEADER: [rid for rid, _ in records]}
+        argsrepr = f"{len(records)} episodes"
     app.send_task(
         "episodes.record",
-        args=(payload,),
-        task_id=f"episode-{job_id}",
+        args=args,
+        task_id=task_id,
+        headers=headers,
         queue=queue,
         routing_key=queue,
+        argsrepr=argsrepr,  # not the prompts and answers: saferepr of them costs, and shows them
     )
-    return episode_id
+
+
+class EpisodeNotSent(Retryable):
+    """The message holding this episode could not be sent (the broker is away): the job runs
+    again later, as it would had it sent its own message and failed."""
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.sent = threading.Event()
+        self.error: str | None = None
+
+
+class EpisodeOutbox:
+    """Episodes of one process's threads, sent one message per window (group commit).
+
+    The first thread to log an episode into an empty outbox leads: it waits ``window_s``,
+    takes what the others logged meanwhile and sends it all in one message; the others wait
+    for that send. Everyone returns once the message is on the broker, or raises
+    ``EpisodeNotSent``.
+    """
+
+    def __init__(self, send: Callable[[list[Record]], None], window_s: float, max_records: int):
+        self._send = send
+        self._window_s = window_s
+        self._max = max_records
+        self._lock = threading.Lock()
+        self._pending: _Pending | None = None
+
+    def put(self, record: Record) -> None:
+        with self._lock:
+            pending = self._pending
+            leader = pending is None
+            if pending is None:
+                pending = self._pending = _Pending()
+            pending.records.append(record)
+            if len(pending.records) >= self._max:
+                self._pending = None  # full: the next episode starts a message of its own
+        if not leader:
+            if not pending.sent.wait(_SENT_WAIT_S):
+                raise EpisodeNotSent("the message holding this episode was not sent in time")
+            if pending.error is not None:
+                raise EpisodeNotSent(pending.error)
+            return
+        time.sleep(self._window_s)
+        with self._lock:
+            if self._pending is pending:
+                self._pending = None
+        try:
+            self._send(pending.records)
+        except Exception as exc:
+            pending.error = f"could not send {len(pending.records)} episode(s): {exc}"
+            raise EpisodeNotSent(pending.error) from exc
+        finally:
+            pending.sent.set()
+
+
+@functools.cache
+def outbox() -> EpisodeOutbox:
+    conf = app.conf
+    return EpisodeOutbox(
+        send_episodes,
+        window_s=conf.conveyor_episode_outbox_ms / 1000,
+        max_records=conf.conveyor_episodes_pack,
+    )

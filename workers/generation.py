@@ -24,7 +24,7 @@ import redis
 from conveyor import keys
 from workers.breakers import CircuitOpen, SharedBreaker
 from workers.failures import Deferred, Permanent
-from workers.providers import ChatRequest, Completion, Delta, ProviderConfig, get_provider
+from workers.providers import ChatRequest, Completion, ProviderConfig, get_provider
 from workers.providers.base import estimate_prompt_tokens
 from workers.ratelimit import SharedRateLimit
 
@@ -191,15 +191,9 @@ class Generator:
         )
         reservation = self.rate_limit(config.name).acquire(estimate, timeout_s=self._rate_wait_s)
         coalescer = ProgressCoalescer(on_progress, self._progress_interval_s)
-        completion: Completion | None = None
         with breaker.guard():
-            for piece in get_provider(config).stream(request):
-                if isinstance(piece, Delta):
-                    coalescer.add(piece.text)
-                else:
-                    completion = piece
+            completion = get_provider(config).generate(request, coalescer.add)
         coalescer.flush()
-        assert completion is not None, "a provider stream ends with a Completion"
         reservation.settle(completion.total_tokens)
         return completion
 

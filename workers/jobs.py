@@ -69,6 +69,17 @@ class JobContext:
             data=data,
         )
 
+    def emit_soon(self, suffix: str, data: dict[str, Any]) -> None:
+        """Like ``emit``, in the process's next event batch (``EventPublisher.publish_soon``):
+        no round trip of its own, and still before any later event of this job."""
+        self.publisher.publish_soon(
+            self.job_id,
+            type="update",
+            component=self.component,
+            event=f"{self.event_prefix}_{suffix}",
+            data=data,
+        )
+
     def progress(self, **data: Any) -> None:
         self.emit("progress", data)
 
@@ -143,11 +154,9 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
 def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict[str, Any]:
     conf = task.app.conf
     try:
-        _check_deliveries(ctx, conf.conveyor_max_deliveries)
-        if connections.redis_client().exists(keys.cancel(ctx.job_id)):
-            raise Cancelled("cancelled before it started")
+        _check_delivery(ctx, conf.conveyor_max_deliveries)
         payload = _validate(ctx.task_name, raw_payload, conf.conveyor_max_payload_bytes)
-        ctx.emit("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
+        ctx.emit_soon("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
         data = fn(ctx, payload)
     except HandedOver as exc:
         # Another job reports the end (result and terminal event); this message is done.
@@ -165,18 +174,22 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict
     return result_envelope(ctx.job_id, success=True, data=data)
 
 
-def _check_deliveries(ctx: JobContext, limit: int) -> None:
-    """Count this delivery; a message whose worker died under it ``limit`` times is poison."""
+def _check_delivery(ctx: JobContext, limit: int) -> None:
+    """Count this delivery (a message whose worker died under it ``limit`` times is poison) and
+    see whether the job was cancelled before it started, in one round trip."""
     counter = keys.deliveries(ctx.job_id, ctx.attempt)
-    pipe = connections.redis_client().pipeline()
+    pipe = connections.redis_client().pipeline(transaction=False)
     pipe.incr(counter)
     pipe.expire(counter, _DELIVERY_COUNTER_TTL)
-    delivered = pipe.execute()[0]
+    pipe.exists(keys.cancel(ctx.job_id))
+    delivered, _, cancelled = pipe.execute()
     if delivered > limit:
         raise Poison(
             f"delivered {delivered} times without finishing (limit {limit}): "
             "its worker died each time"
         )
+    if cancelled:
+        raise Cancelled("cancelled before it started")
 
 
 def _validate(task_name: str, raw_payload: Any, max_bytes: int) -> Payload:

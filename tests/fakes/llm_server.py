@@ -78,6 +78,9 @@ class Reply:
     #: Bytes sent verbatim as the body (a recorded transcript), in these pieces.
     raw: tuple[bytes, ...] | None = None
     raw_content_type: str = "text/event-stream"
+    #: Seconds between the last piece (``[DONE]``) and the chunked body's last chunk, which
+    #: a real server may send a moment later.
+    end_delay_s: float = 0.0
 
     # --- answers ------------------------------------------------------------------------------
 
@@ -259,6 +262,8 @@ class RecordedRequest:
     #: Header names in lower case.
     headers: dict[str, str]
     body: Any
+    #: The client's port: the same on two requests means one kept-alive connection.
+    client_port: int = 0
 
 
 @dataclass
@@ -335,6 +340,8 @@ class FakeLLMServer:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: Connections waiting to be accepted: tests open dozens at once, as a worker does.
+    request_queue_size = 128
     fake: FakeLLMServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -372,6 +379,7 @@ class _Handler(BaseHTTPRequestHandler):
                 path=self.path,
                 headers={k.lower(): v for k, v in self.headers.items()},
                 body=body,
+                client_port=self.client_address[1],
             )
         )
         if self.path not in (OPENAI_PATH, OLLAMA_PATH):
@@ -454,6 +462,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if index and reply.chunk_delay_s and fake.stopping.wait(reply.chunk_delay_s):
                     return
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if reply.end_delay_s:
+                self.wfile.flush()
+                if fake.stopping.wait(reply.end_delay_s):
+                    return
             self.wfile.write(b"0\r\n\r\n")
         except ConnectionError:  # the client hung up (a timeout, a cancel): what tests look for
             self.close_connection = True

@@ -112,6 +112,13 @@ class Provider(Protocol):
 
     config: ProviderConfig
 
+    def generate(
+        self, request: ChatRequest, on_delta: Callable[[str], None] = lambda _text: None
+    ) -> Completion:
+        """The answer; ``on_delta`` gets each piece of text as it arrives (perhaps on another
+        thread). Raises Retryable/Permanent."""
+        ...
+
     def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
         """Deltas as they come, then exactly one ``Completion``; raises Retryable/Permanent."""
         ...

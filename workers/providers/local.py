@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from workers.providers.base import (
     LOCAL,
@@ -50,6 +50,16 @@ class LocalProvider:
 
     def close(self) -> None:
         """Nothing to release; here so every provider can be closed alike."""
+
+    def generate(
+        self, request: ChatRequest, on_delta: Callable[[str], None] = lambda _text: None
+    ) -> Completion:
+        """The echo, paced on the calling thread (no socket to hand to the stream reader)."""
+        for piece in self.stream(request):
+            if isinstance(piece, Completion):
+                return piece
+            on_delta(piece.text)
+        raise AssertionError("the echo ends with a Completion")
 
     def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
         name = self.config.name

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
+
+import requests
 
 from workers.failures import Retryable
 from workers.providers.base import (
     ChatRequest,
     Completion,
-    Delta,
+    ProviderConfig,
     estimate_prompt_tokens,
     estimate_tokens,
 )
+from workers.providers.reader import StreamParser
 from workers.providers.transport import HTTPStreamingProvider, redact
 
 #: Bytes of one NDJSON line we accept; more without a newline means a broken server.
@@ -47,44 +50,59 @@ class OllamaProvider(HTTPStreamingProvider):
             body["options"] = options
         return body
 
-    def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
+    def _parser(
+        self, response: requests.Response, request: ChatRequest, model: str, started: float
+    ) -> StreamParser:
+        return ChatLinesParser(self.config, request, model, started)
+
+
+class ChatLinesParser:
+    """``/api/chat``'s NDJSON lines, as they come; complete at the ``"done": true`` line."""
+
+    def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
+        self.config = config
+        self.request = request
+        self.model = model
+        self.started = started
+        self.done = False
+        self._buffer = b""
+        self._parts: list[str] = []
+        self._ttft: float | None = None
+        self._final: dict[str, Any] | None = None
+
+    def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
         name = self.config.name
-        model = self._model(request)
-        _, chunks, started = self._open(request, model)
-        parts: list[str] = []
-        ttft: float | None = None
-        final: dict[str, Any] | None = None
-        buffer = b""
-        try:
-            for chunk in chunks:
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if len(buffer) > MAX_LINE_BYTES:
-                    raise Retryable(f"{name}: malformed stream: a line over {MAX_LINE_BYTES} bytes")
-                for line in lines:
-                    if not line.strip():
-                        continue
-                    payload = _json_line(name, line)
-                    if payload.get("error"):
-                        message = redact(str(payload["error"]), self.config.api_key)
-                        raise Retryable(f"{name} failed mid-stream: {message}")
-                    message_part = payload.get("message") or {}
-                    text = message_part.get("content") if isinstance(message_part, dict) else None
-                    if isinstance(text, str) and text:
-                        if ttft is None:
-                            ttft = time.monotonic() - started
-                        parts.append(text)
-                        yield Delta(text)
-                    if payload.get("done") is True:
-                        final = payload
-                        break
-                if final is not None:
-                    break
-        finally:
-            chunks.close()
-        if final is None:
-            raise Retryable(f"{name}: the stream ended before its done line (connection cut?)")
-        yield _completion(request, "".join(parts), final, model, started, ttft)
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_LINE_BYTES:
+            raise Retryable(f"{name}: malformed stream: a line over {MAX_LINE_BYTES} bytes")
+        for line in lines:
+            if not line.strip():
+                continue
+            payload = _json_line(name, line)
+            if payload.get("error"):
+                message = redact(str(payload["error"]), self.config.api_key)
+                raise Retryable(f"{name} failed mid-stream: {message}")
+            message_part = payload.get("message") or {}
+            text = message_part.get("content") if isinstance(message_part, dict) else None
+            if isinstance(text, str) and text:
+                if self._ttft is None:
+                    self._ttft = time.monotonic() - self.started
+                self._parts.append(text)
+                emit(text)
+            if payload.get("done") is True:
+                self._final = payload
+                self.done = True
+                return
+
+    def finish(self, emit: Callable[[str], None]) -> Completion:
+        if self._final is None:
+            raise Retryable(
+                f"{self.config.name}: the stream ended before its done line (connection cut?)"
+            )
+        return _completion(
+            self.request, "".join(self._parts), self._final, self.model, self.started, self._ttft
+        )
 
 
 def _json_line(name: str, line: bytes) -> dict[str, Any]:

@@ -10,19 +10,21 @@ when the stream breaks: then we estimate it and say so. A stream is complete onl
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable
 from typing import Any
+
+import requests
 
 from workers.failures import Retryable
 from workers.providers.base import (
     ChatRequest,
     Completion,
-    Delta,
+    ProviderConfig,
     estimate_prompt_tokens,
     estimate_tokens,
 )
+from workers.providers.reader import StreamParser
 from workers.providers.transport import (
     HTTPStreamingProvider,
     ServerError,
@@ -33,8 +35,6 @@ from workers.providers.transport import (
 MAX_LINE_BYTES = 1024 * 1024
 #: Bytes of a non-streamed JSON answer we accept (a server that ignored ``stream: true``).
 MAX_BODY_BYTES = 16 * 1024 * 1024
-
-_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 class SSEDecoder:
@@ -49,19 +49,16 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[tuple[str | None, str]]:
         """The complete events in ``chunk`` (plus what was buffered), as (event, data)."""
-        self._buffer += chunk
-        events: list[tuple[str | None, str]] = []
-        position = 0
-        while match := _EOL.search(self._buffer, position):
-            if match.group() == b"\r" and match.end() == len(self._buffer):
-                break  # maybe half of a \r\n: wait for the next chunk
-            event = self._line(self._buffer[position : match.start()].decode("utf-8", "replace"))
-            if event is not None:
-                events.append(event)
-            position = match.end()
-        self._buffer = self._buffer[position:]
+        lines = (self._buffer + chunk).splitlines(keepends=True)  # at \r\n, \n or \r
+        # A last line without its end (or ending in \r, maybe half of a \r\n) waits for more.
+        self._buffer = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
         if len(self._buffer) > MAX_LINE_BYTES:
             raise ValueError(f"an event line longer than {MAX_LINE_BYTES} bytes")
+        events: list[tuple[str | None, str]] = []
+        for raw in lines:
+            event = self._line(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+            if event is not None:
+                events.append(event)
         return events
 
     def _line(self, line: str) -> tuple[str | None, str] | None:
@@ -104,78 +101,96 @@ class OpenAICompatProvider(HTTPStreamingProvider):
             body["stop"] = list(request.stop)
         return body
 
-    def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
-        model = self._model(request)
-        response, chunks, started = self._open(request, model)
-        content_type = response.headers.get("content-type", "")
-        if content_type.startswith("application/json"):
-            yield from self._whole(chunks, request, model, started)
-        else:
-            yield from self._events(chunks, request, model, started)
+    def _parser(
+        self, response: requests.Response, request: ChatRequest, model: str, started: float
+    ) -> StreamParser:
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return WholeAnswerParser(self.config, request, model, started)
+        return ChatStreamParser(self.config, request, model, started)
 
-    def _events(
-        self, chunks: Generator[bytes, None, None], request: ChatRequest, model: str, started: float
-    ) -> Iterator[Delta | Completion]:
+
+class ChatStreamParser:
+    """A chat completion's server-sent events, as they come: the text of each chunk's first
+    choice, the finish reason, the usage chunk; complete at ``[DONE]``."""
+
+    def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
+        self.config = config
+        self.request = request
+        self.model = model
+        self.started = started
+        self.done = False
+        self._decoder = SSEDecoder()
+        self._parts: list[str] = []
+        self._ttft: float | None = None
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
         name = self.config.name
-        decoder = SSEDecoder()
-        parts: list[str] = []
-        ttft: float | None = None
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
-        done = False
         try:
-            for chunk in chunks:
-                try:
-                    events = decoder.feed(chunk)
-                except ValueError as exc:
-                    raise Retryable(f"{name}: malformed stream: {exc}") from None
-                for event, data in events:
-                    if data.strip() == "[DONE]":
-                        done = True
-                        break
-                    payload = _json_chunk(name, data)
-                    error = payload.get("error")
-                    if error or event == "error":
-                        raise failure_in_stream(self.config, _stream_error(error, data))
-                    model = payload.get("model") or model
-                    if isinstance(payload.get("usage"), dict):
-                        usage = payload["usage"]
-                    for choice in payload.get("choices") or ():
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                            continue
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content") if isinstance(delta, dict) else None
-                        if isinstance(text, str) and text:
-                            if ttft is None:
-                                ttft = time.monotonic() - started
-                            parts.append(text)
-                            yield Delta(text)
-                        if choice.get("finish_reason"):
-                            finish_reason = str(choice["finish_reason"])
-                if done:
-                    break
-        finally:
-            chunks.close()  # closes the response
-        if not done:
+            events = self._decoder.feed(data)
+        except ValueError as exc:
+            raise Retryable(f"{name}: malformed stream: {exc}") from None
+        for event, text in events:
+            if text.strip() == "[DONE]":
+                self.done = True
+                return
+            payload = _json_chunk(name, text)
+            error = payload.get("error")
+            if error or event == "error":
+                raise failure_in_stream(self.config, _stream_error(error, text))
+            self.model = payload.get("model") or self.model
+            if isinstance(payload.get("usage"), dict):
+                self._usage = payload["usage"]
+            for choice in payload.get("choices") or ():
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                piece = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(piece, str) and piece:
+                    if self._ttft is None:
+                        self._ttft = time.monotonic() - self.started
+                    self._parts.append(piece)
+                    emit(piece)
+                if choice.get("finish_reason"):
+                    self._finish_reason = str(choice["finish_reason"])
+
+    def finish(self, emit: Callable[[str], None]) -> Completion:
+        name = self.config.name
+        if not self.done:
             raise Retryable(f"{name}: the stream ended before [DONE] (connection cut?)")
-        if finish_reason is None:
+        if self._finish_reason is None:
             raise Retryable(f"{name}: the stream ended without a finish_reason")
-        yield _completion(request, "".join(parts), model, finish_reason, usage, started, ttft)
+        return _completion(
+            self.request,
+            "".join(self._parts),
+            self.model,
+            self._finish_reason,
+            self._usage,
+            self.started,
+            self._ttft,
+        )
 
-    def _whole(
-        self, chunks: Generator[bytes, None, None], request: ChatRequest, model: str, started: float
-    ) -> Iterator[Delta | Completion]:
-        """A server that ignored ``stream: true`` answers one chat.completion object."""
+
+class WholeAnswerParser:
+    """A server that ignored ``stream: true`` answers one chat.completion object."""
+
+    def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
+        self.config = config
+        self.request = request
+        self.model = model
+        self.started = started
+        self.done = False  # only the end of the body ends it
+        self._body = bytearray()
+
+    def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
+        self._body += data
+        if len(self._body) > MAX_BODY_BYTES:
+            raise Retryable(f"{self.config.name}: answer larger than {MAX_BODY_BYTES} bytes")
+
+    def finish(self, emit: Callable[[str], None]) -> Completion:
         name = self.config.name
-        body = bytearray()
-        try:
-            for chunk in chunks:
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise Retryable(f"{name}: answer larger than {MAX_BODY_BYTES} bytes")
-        finally:
-            chunks.close()
-        payload = _json_chunk(name, body.decode("utf-8", "replace"))
+        payload = _json_chunk(name, self._body.decode("utf-8", "replace"))
         if payload.get("error"):
             raise failure_in_stream(self.config, _stream_error(payload["error"], ""))
         choices = payload.get("choices") or []
@@ -184,17 +199,17 @@ class OpenAICompatProvider(HTTPStreamingProvider):
         text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str) or not choice.get("finish_reason"):
             raise Retryable(f"{name}: an answer without content or finish_reason")
-        ttft = time.monotonic() - started if text else None
+        ttft = time.monotonic() - self.started if text else None
         if text:
-            yield Delta(text)
+            emit(text)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else None
-        yield _completion(
-            request,
+        return _completion(
+            self.request,
             text,
-            payload.get("model") or model,
+            payload.get("model") or self.model,
             str(choice["finish_reason"]),
             usage,
-            started,
+            self.started,
             ttft,
         )
 

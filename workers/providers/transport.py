@@ -1,9 +1,10 @@
 """The HTTP plumbing both wire clients share: open a streaming request, read it under a deadline,
 and turn an HTTP failure into ``Retryable`` or ``Permanent``.
 
-Celery's threads pool cannot kill a thread, so every wait here is bounded by us: the connect
-timeout, a read timeout per chunk (re-armed before each read to the smaller of ``read_s`` and
-the time left), and the total deadline checked between chunks. The retry rules follow OpenAI's
+Celery's threads pool cannot kill a thread, so every wait is bounded by us: the connect
+timeout and the read timeout for the headers here; then, once the answer's body streams, the
+process's stream reader (``reader``) holds each stream to its deadline, its silence allowed
+between chunks (``read_s``) and its cancel flag. The retry rules follow OpenAI's
 own client: 408, 409, 429, 5xx and broken connections are retryable, honouring
 ``retry-after-ms`` / ``retry-after`` (capped); other 4xx are permanent, and so is a 429 that
 says the quota is spent.
@@ -14,8 +15,9 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import queue
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
@@ -28,19 +30,20 @@ from workers.failures import Permanent, Retryable
 from workers.providers.base import (
     Cancelled,
     ChatRequest,
+    Completion,
     DeadlineExceeded,
+    Delta,
     ProviderConfig,
     check_deadline,
     deadline_for,
 )
+from workers.providers.reader import StreamHandle, StreamParser, stream_reader
 
 #: Seconds: the longest wait a server may ask of us. A longer ask is capped, not obeyed: the
 #: job's own backoff and the circuit breaker take over from there.
 RETRY_AFTER_CAP_S = 120.0
 #: Bytes of an error body we read: enough for any JSON error, never a whole runaway page.
 ERROR_BODY_LIMIT = 64 * 1024
-#: Bytes asked of the socket per read; a read returns as soon as any bytes are there.
-READ_SIZE = 64 * 1024
 #: Idle connections kept per provider for reuse. Each thread holds at most one at a time, so
 #: this only has to be at least the ai pool's concurrency (CONVEYOR_AI_CONCURRENCY, which may
 #: be hundreds): beyond it, urllib3 closes a finished job's connection (logging "Connection
@@ -275,62 +278,6 @@ def open_stream(
     raise failure_for_status(config, response.status_code, response.headers, error)
 
 
-def read_chunks(
-    response: requests.Response,
-    *,
-    config: ProviderConfig,
-    request: ChatRequest,
-    started: float,
-    deadline: float,
-) -> Generator[bytes, None, None]:
-    """The body's bytes as they arrive, until the server ends it; closes the response.
-
-    Before each read: ``should_stop`` (-> ``Cancelled``) and the deadline (->
-    ``DeadlineExceeded``); the read itself waits at most ``read_s`` or the time left. A stop
-    requested during a silent server is therefore noticed within ``read_s``.
-    """
-    armed: float | None = None  # the socket's read timeout, as last set here
-    try:
-        while True:
-            if request.stopped():
-                raise Cancelled(f"{config.name}: cancelled mid-stream")
-            left = check_deadline(deadline, started, config.name)
-            wait = min(config.read_s, left)
-            # It only ever shrinks (once the deadline is nearer than read_s), so setting it
-            # again at every chunk of a long stream would change nothing.
-            if armed is None or wait < armed:
-                _arm_read_timeout(response, wait)
-                armed = wait
-            try:
-                data = response.raw.read1(READ_SIZE, decode_content=True)
-            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
-                if time.monotonic() >= deadline - 0.01:
-                    raise DeadlineExceeded(
-                        f"{config.name}: no complete answer within "
-                        f"{time.monotonic() - started:.1f} s (deadline passed)"
-                    ) from None
-                raise Retryable(
-                    f"{config.name}: the stream stalled for {config.read_s:g} s (read timeout)"
-                ) from None
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else exc
-                raise Retryable(f"{config.name}: the connection broke mid-stream: {why}") from None
-            if not data:
-                return
-            yield data
-    finally:
-        response.close()
-
-
-def _arm_read_timeout(response: requests.Response, seconds: float) -> None:
-    """Sets the socket's timeout for the next read, so the total deadline holds even while a
-    server is silent. urllib3 2 exposes the connection of a streamed response; without it the
-    read timeout stays the one the request began with (at most ``read_s``)."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
-    if sock is not None:
-        sock.settimeout(max(seconds, 0.001))
-
-
 class HTTPStreamingProvider:
     """What the two wire clients share: one session, the endpoint, the headers, and opening a
     stream under the request's deadline. Subclasses say ``path``, ``accept`` and ``_body``."""
@@ -367,10 +314,38 @@ class HTTPStreamingProvider:
             )
         return model
 
-    def _open(
-        self, request: ChatRequest, model: str
-    ) -> tuple[requests.Response, Generator[bytes, None, None], float]:
-        """The response, its chunks (read under the deadline) and when the call started."""
+    def _parser(
+        self, response: requests.Response, request: ChatRequest, model: str, started: float
+    ) -> StreamParser:
+        raise NotImplementedError
+
+    def generate(
+        self, request: ChatRequest, on_delta: Callable[[str], None] = lambda _text: None
+    ) -> Completion:
+        """Send the request, then let this process's stream reader read the answer;
+        ``on_delta`` gets each piece of text on the reader's thread, as it arrives."""
+        return self._start(request, on_delta).wait()
+
+    def stream(self, request: ChatRequest) -> Iterator[Delta | Completion]:
+        """``generate`` as an iterator: the deltas as they come, then the ``Completion``.
+        Leaving the loop early closes the stream."""
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        handle = self._start(request, pieces.put, on_end=lambda: pieces.put(None))
+        try:
+            while (piece := pieces.get()) is not None:
+                yield Delta(piece)
+            yield handle.wait()
+        finally:
+            if not handle.ended.is_set():
+                handle.abort(Cancelled(f"{self.config.name}: the caller stopped reading"))
+
+    def _start(
+        self,
+        request: ChatRequest,
+        on_delta: Callable[[str], None],
+        on_end: Callable[[], None] | None = None,
+    ) -> StreamHandle:
+        model = self._model(request)
         started = time.monotonic()
         deadline = deadline_for(request, self.config, started)
         response = open_stream(
@@ -383,7 +358,13 @@ class HTTPStreamingProvider:
             started=started,
             deadline=deadline,
         )
-        chunks = read_chunks(
-            response, config=self.config, request=request, started=started, deadline=deadline
+        return stream_reader().start(
+            response,
+            self._parser(response, request, model, started),
+            on_delta,
+            config=self.config,
+            request=request,
+            started=started,
+            deadline=deadline,
+            on_end=on_end,
         )
-        return response, chunks, started
