@@ -92,7 +92,11 @@ worker_consumer = "workers.consumer:Consumer"
 # --- Results --------------------------------------------------------------------------------
 #: Seconds a finished job's result envelope is kept in Redis (Redis must never have to evict).
 result_expires = env_int("CONVEYOR_RESULT_TTL", 86_400, minimum=60)
-result_extended = True
+#: Off: extended results repeat the job's arguments (an ai job's whole prompt) and its worker
+#: and queue in every state written to the backend: a tenth of a busy ai worker's CPU
+#: (bench/ai_inflight.py) and that much more Redis memory, for nothing a caller reads. Flower
+#: shows arguments from the task events; dead letters keep failed payloads.
+result_extended = False
 # STARTED tells a caller the job left the queue; Flower shows it too.
 task_track_started = True
 

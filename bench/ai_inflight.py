@@ -688,6 +688,7 @@ def measure(
     )
     ended = time.time()
     sampler.stop()
+    upstream_peak = setup.upstream.get()["peak"]  # since the reset at the phase's start
     driver1 = sum(os.times()[:2])
     user1, sys1 = cpu_times(pids)
     cpu1 = user1 + sys1, cpu_s([setup.upstream_pid]), cpu_s(others[1:])
@@ -701,7 +702,8 @@ def measure(
     phase.rate, w0, w1 = steady_rate(list(outcome.done.values()), phase.slots, started)
     phase.limit = phase.slots / args.stream_seconds
     samples = sampler.samples
-    phase.peak_in_flight = max((s.active for s in samples), default=0)
+    # The upstream counts its open streams exactly (samples every SAMPLE_S can miss the top).
+    phase.peak_in_flight = max(max((s.active for s in samples), default=0), upstream_peak)
     window = [s.active for s in samples if w0 <= s.t <= w1]
     phase.mean_in_flight = sum(window) / len(window) if window else 0.0
     phase.rss_idle_mb = rss_idle / 2**20
