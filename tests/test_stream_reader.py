@@ -14,7 +14,8 @@ from tests.fakes.llm_server import FakeLLMServer, Reply
 from workers.failures import Retryable
 from workers.providers import ChatRequest, ProviderConfig
 from workers.providers.openai_compat import OpenAICompatProvider
-from workers.providers.reader import DRAIN_S, _Chunked, _Length
+from workers.providers.reader import DRAIN_S, _Chunked, _Length, _read_here
+from workers.providers.transport import open_stream
 
 llm_server = fake_llm.llm_server
 
@@ -122,3 +123,52 @@ def test_the_answer_comes_at_done_and_the_connection_waits_for_the_body_end(
     assert client.generate(request()).content == "Hello from the fake model."
     first, second = (r.client_port for r in llm_server.requests)
     assert (first == second) is reused
+
+
+def test_an_answer_the_server_closes_after_is_read_and_not_reused(llm_server):
+    llm_server.script(Reply.ok(headers=(("Connection", "close"),)), Reply.ok())
+    client = provider(llm_server)
+    pieces: list[str] = []
+    assert client.generate(request(), pieces.append).content == "Hello from the fake model."
+    assert "".join(pieces) == "Hello from the fake model."
+    time.sleep(0.1)
+    assert client.generate(request()).content == "Hello from the fake model."
+    first, second = (r.client_port for r in llm_server.requests)
+    assert first != second
+
+
+def test_a_connection_the_reader_cannot_poll_is_read_on_the_calling_thread(llm_server):
+    """What an https proxy's TLS-in-TLS connection gets: the same parser, on this thread."""
+    llm_server.script(Reply.ok(chunk_delay_s=0.01), Reply.cut(after=2))
+    client = provider(llm_server)
+    for expect_cut in (False, True):
+        req = request()
+        started = time.monotonic()
+        response = open_stream(
+            client._session,
+            client._url,
+            body=client._body(req, "fake-model"),
+            headers=client._headers(),
+            config=client.config,
+            request=req,
+            started=started,
+            deadline=started + 10,
+        )
+        parser = client._parser(response, req, "fake-model", started)
+        pieces: list[str] = []
+        answered = _read_here(
+            response,
+            parser,
+            pieces.append,
+            None,
+            config=client.config,
+            request=req,
+            started=started,
+            deadline=started + 10,
+        )
+        if expect_cut:
+            with pytest.raises(Retryable, match=r"connection broke|ended before"):
+                answered.wait()
+            assert pieces == ["Hello ", "from "]
+        else:
+            assert answered.wait().content == "".join(pieces) == "Hello from the fake model."

@@ -124,14 +124,17 @@ class EpisodeOutbox:
             if pending.error is not None:
                 raise EpisodeNotSent(pending.error)
             return
-        time.sleep(self._window_s)
-        with self._lock:
-            if self._pending is pending:
-                self._pending = None
         try:
+            time.sleep(self._window_s)
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
             self._send(pending.records)
-        except Exception as exc:
-            pending.error = f"could not send {len(pending.records)} episode(s): {exc}"
+        except BaseException as exc:  # even a thread stopped mid-way must not pass for sent
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+            pending.error = f"could not send {len(pending.records)} episode(s): {exc!r}"
             raise EpisodeNotSent(pending.error) from exc
         finally:
             pending.sent.set()

@@ -15,6 +15,7 @@ but a batch already on its way with events of the same job.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ _PER_CALL = 200
 
 #: One event ready to send: its keys (seq counter, stream, channel), and the envelope's JSON
 #: before and after its seq number.
-_Event = tuple[list[str], str, str]
+_Event = tuple[tuple[str, str, str], str, str]
 
 # Publishes N events in order. KEYS, three per event: its seq counter, stream, channel.
 # ARGV[1] stream max length (approximate), ARGV[2] TTL in seconds of the stream and counter;
@@ -59,6 +60,29 @@ for i = 1, #KEYS / 3 do
 end
 return seqs
 """
+
+
+def _json(data: dict[str, Any]) -> str:
+    """``data`` as JSON; what JSON cannot hold (a datetime, say) as its ``str``. The plain
+    call first: with ``default`` set, ``json`` builds a new encoder every time."""
+    try:
+        return json.dumps(data)
+    except TypeError:
+        return json.dumps(data, default=str)
+
+
+@functools.lru_cache(maxsize=4096)
+def _head(type: str, component: str, event: str, job_id: str) -> str:
+    """The envelope up to its seq: the same for every event of one name of one job."""
+    return (
+        f'{{"type":{json.dumps(type)},"component":{json.dumps(component)},'
+        f'"event":{json.dumps(event)},"job_id":{json.dumps(job_id)},"seq":'
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_of(job_id: str) -> tuple[str, str, str]:
+    return keys.events_seq(job_id), keys.events_stream(job_id), keys.events_channel(job_id)
 
 
 class _Batch:
@@ -132,13 +156,8 @@ class EventPublisher:
     def _event(
         self, job_id: str, type: str, component: str, event: str, data: dict[str, Any]
     ) -> _Event:
-        head = (
-            f'{{"type":{json.dumps(type)},"component":{json.dumps(component)},'
-            f'"event":{json.dumps(event)},"job_id":{json.dumps(job_id)},"seq":'
-        )
-        tail = f',"data":{json.dumps(data, default=str)},"timestamp":"{utc_now_iso()}"}}'
-        keys_ = [keys.events_seq(job_id), keys.events_stream(job_id), keys.events_channel(job_id)]
-        return keys_, head, tail
+        tail = f',"data":{_json(data)},"timestamp":"{utc_now_iso()}"}}'
+        return _keys_of(job_id), _head(type, component, event, job_id), tail
 
     def _send(self, events: list[_Event]) -> list[int]:
         """Runs the script over the events, in order, in one round trip; the ``seq`` of each."""

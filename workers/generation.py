@@ -204,7 +204,7 @@ class CancelWatch:
     One thread reads the cancel keys of every job being watched in one ``MGET`` every
     ``every_s``, instead of each stream reading its own key: with hundreds of streams in a
     process that is one round trip per interval instead of hundreds. A stop is noticed within
-    ``every_s`` (plus the stream's next chunk or read timeout), as before.
+    ``every_s``, and the stream reader acts on it within its sweep (``reader.SWEEP_S``).
     """
 
     def __init__(self, client: Callable[[], redis.Redis], every_s: float):

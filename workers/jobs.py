@@ -71,7 +71,8 @@ class JobContext:
 
     def emit_soon(self, suffix: str, data: dict[str, Any]) -> None:
         """Like ``emit``, in the process's next event batch (``EventPublisher.publish_soon``):
-        no round trip of its own, and still before any later event of this job."""
+        no round trip of its own, and still before any later event of this job. Best effort:
+        a batch Redis refuses is logged, not raised (the job's own Redis calls fail anyway)."""
         self.publisher.publish_soon(
             self.job_id,
             type="update",

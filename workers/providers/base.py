@@ -50,7 +50,8 @@ class ChatRequest:
 
     ``deadline`` is an absolute ``time.monotonic()`` value: the caller's budget, which the
     client enforces together with its provider's ``total_s``. ``should_stop`` is called before
-    the request and between chunks (so it must be cheap); returning True cancels the stream.
+    the request, then every ``reader.SWEEP_S`` on the stream reader's thread (so it must be
+    cheap, thread-safe and never block: it would hold up every stream); True cancels it.
     """
 
     messages: Sequence[Mapping[str, str]]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from workers.failures import Permanent, Retryable
 from workers.providers.base import (
@@ -53,6 +54,9 @@ SWEEP_S = 0.2
 DRAIN_S = 1.0
 #: Bytes asked of a socket per ``recv``; the reader reads until the socket has no more.
 READ_SIZE = 64 * 1024
+#: Reads of one stream in one turn at most: a server sending as fast as we read must not keep
+#: the reader from every other stream (epoll reports the rest again next turn).
+_READS_PER_TURN = 16
 #: Seconds a job's thread waits past its stream's deadline for the reader to answer, should
 #: the reader itself be stuck: a safety net, never reached while the reader runs.
 _WAIT_GRACE_S = 10.0
@@ -300,25 +304,23 @@ class StreamReader:
         started: float,
         deadline: float,
         on_end: Callable[[], None] | None = None,
-    ) -> StreamHandle:
-        """Follow ``response`` (2xx, headers read, body untouched) from now on."""
-        connection = getattr(response.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is None:
+    ) -> StreamHandle | AnsweredStream:
+        """Follow ``response`` (2xx, headers read, body untouched) from now on.
+
+        A connection this thread cannot poll (TLS inside TLS, to an ``https://`` proxy, is
+        urllib3's own object, not a socket) is read on the calling thread instead, the
+        deltas arriving as they come but a stop or the deadline noticed between chunks only.
+        """
+        options = {"config": config, "request": request, "started": started, "deadline": deadline}
+        sock = _socket_of(response)
+        try:
+            if sock is None:
+                return _read_here(response, parser, on_delta, on_end, **options)
+            handle = StreamHandle(response, sock, parser, on_delta, on_end=on_end, **options)
+            sock.setblocking(False)
+        except BaseException:
             response.close()
-            raise Retryable(f"{config.name}: the connection closed before the answer's body")
-        handle = StreamHandle(
-            response,
-            sock,
-            parser,
-            on_delta,
-            config=config,
-            request=request,
-            started=started,
-            deadline=deadline,
-            on_end=on_end,
-        )
-        sock.setblocking(False)
+            raise
         with self._lock:
             self._incoming.append(handle)
         with contextlib.suppress(BlockingIOError):  # full: the reader has wake-ups pending
@@ -361,6 +363,8 @@ class StreamReader:
             self._streams.add(handle)
             try:
                 self._drain_buffered(handle)
+                if not handle.ended.is_set():
+                    self._maybe_done(handle)  # a body with nothing in it (Content-Length: 0)
                 if handle.released:
                     continue
                 self._selector.register(handle.sock, selectors.EVENT_READ, handle)
@@ -387,7 +391,7 @@ class StreamReader:
         if handle.released:
             return
         try:
-            while True:
+            for _ in range(_READS_PER_TURN):
                 try:
                     data = handle.sock.recv(READ_SIZE)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -523,6 +527,82 @@ def _failure(handle: StreamHandle, exc: BaseException) -> BaseException:
     if isinstance(exc, OSError):
         return Retryable(f"{name}: the connection broke mid-stream: {exc}")
     return exc
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    """The socket under a streamed response, or None when it is not one we can poll."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is None:
+        # The server said it closes after this answer: http.client let go of the connection,
+        # and only the response's file still holds the socket.
+        fileobj = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fileobj, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None  # ssl.SSLSocket is one too
+
+
+class AnsweredStream:
+    """The handle of a stream read to its end on the calling thread (``_read_here``)."""
+
+    def __init__(self, completion: Completion | None, error: BaseException | None):
+        self.completion = completion
+        self.error = error
+        self.ended = threading.Event()
+        self.ended.set()
+
+    def wait(self) -> Completion:
+        if self.error is not None:
+            raise self.error
+        assert self.completion is not None
+        return self.completion
+
+    def abort(self, error: BaseException) -> None:
+        """Nothing to stop: it has ended."""
+
+
+def _read_here(
+    response: requests.Response,
+    parser: StreamParser,
+    on_delta: Callable[[str], None],
+    on_end: Callable[[], None] | None,
+    *,
+    config: ProviderConfig,
+    request: ChatRequest,
+    started: float,
+    deadline: float,
+) -> AnsweredStream:
+    """Read a stream on this thread, urllib3 undoing its framing; the socket's read timeout
+    is the one the request was sent with (at most ``read_s``)."""
+    name = config.name
+    completion: Completion | None = None
+    error: BaseException | None = None
+    try:
+        while not parser.done:
+            if request.stopped():
+                raise Cancelled(f"{name}: cancelled mid-stream")
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"{name}: no complete answer within {time.monotonic() - started:.1f} s "
+                    "(deadline passed)"
+                )
+            try:
+                data = response.raw.read1(READ_SIZE, decode_content=True)
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                raise Retryable(
+                    f"{name}: the stream stalled for {config.read_s:g} s (read timeout)"
+                ) from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise Retryable(f"{name}: the connection broke mid-stream: {exc}") from None
+            if not data:
+                break
+            parser.feed(data, on_delta)
+        completion = parser.finish(on_delta)
+    except (Retryable, Permanent) as exc:
+        error = exc
+    finally:
+        response.close()
+    if on_end is not None:
+        on_end()
+    return AnsweredStream(completion, error)
 
 
 _reader: StreamReader | None = None

@@ -1,5 +1,5 @@
-"""The HTTP plumbing both wire clients share: open a streaming request, read it under a deadline,
-and turn an HTTP failure into ``Retryable`` or ``Permanent``.
+"""The HTTP plumbing both wire clients share: open a streaming request, hand its body to the
+process's stream reader, and turn an HTTP failure into ``Retryable`` or ``Permanent``.
 
 Celery's threads pool cannot kill a thread, so every wait is bounded by us: the connect
 timeout and the read timeout for the headers here; then, once the answer's body streams, the
@@ -37,7 +37,7 @@ from workers.providers.base import (
     check_deadline,
     deadline_for,
 )
-from workers.providers.reader import StreamHandle, StreamParser, stream_reader
+from workers.providers.reader import AnsweredStream, StreamHandle, StreamParser, stream_reader
 
 #: Seconds: the longest wait a server may ask of us. A longer ask is capped, not obeyed: the
 #: job's own backoff and the circuit breaker take over from there.
@@ -50,6 +50,9 @@ ERROR_BODY_LIMIT = 64 * 1024
 #: pool is full" each time) and the next job connects anew; with 64 here, a third of the jobs
 #: of a 250-thread worker did (bench/ai_inflight.py).
 POOL_SIZE = 1024
+
+#: Seconds ``stream`` waits past a provider's ``total_s`` before it gives up on the reader.
+_STREAM_GRACE_S = 10.0
 
 _RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
@@ -331,8 +334,16 @@ class HTTPStreamingProvider:
         Leaving the loop early closes the stream."""
         pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         handle = self._start(request, pieces.put, on_end=lambda: pieces.put(None))
+        # The reader ends every stream by its deadline; this bound is only a safety net.
+        limit = time.monotonic() + self.config.total_s + _STREAM_GRACE_S
         try:
-            while (piece := pieces.get()) is not None:
+            while True:
+                try:
+                    piece = pieces.get(timeout=max(limit - time.monotonic(), 0.001))
+                except queue.Empty:
+                    raise DeadlineExceeded(f"{self.config.name}: the stream never ended") from None
+                if piece is None:
+                    break
                 yield Delta(piece)
             yield handle.wait()
         finally:
@@ -344,7 +355,7 @@ class HTTPStreamingProvider:
         request: ChatRequest,
         on_delta: Callable[[str], None],
         on_end: Callable[[], None] | None = None,
-    ) -> StreamHandle:
+    ) -> StreamHandle | AnsweredStream:
         model = self._model(request)
         started = time.monotonic()
         deadline = deadline_for(request, self.config, started)
