@@ -24,7 +24,7 @@ from workers.providers.base import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from workers.providers.reader import StreamParser
+from workers.providers.reader import ParserBase, StreamParser
 from workers.providers.transport import HTTPStreamingProvider, redact
 
 #: Bytes of one NDJSON line we accept; more without a newline means a broken server.
@@ -56,15 +56,11 @@ class OllamaProvider(HTTPStreamingProvider):
         return ChatLinesParser(self.config, request, model, started)
 
 
-class ChatLinesParser:
+class ChatLinesParser(ParserBase):
     """``/api/chat``'s NDJSON lines, as they come; complete at the ``"done": true`` line."""
 
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
-        self.config = config
-        self.request = request
-        self.model = model
-        self.started = started
-        self.done = False
+        super().__init__(config, request, model, started)
         self._buffer = b""
         self._parts: list[str] = []
         self._ttft: float | None = None

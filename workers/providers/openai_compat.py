@@ -24,7 +24,7 @@ from workers.providers.base import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from workers.providers.reader import StreamParser
+from workers.providers.reader import ParserBase, StreamParser
 from workers.providers.transport import (
     HTTPStreamingProvider,
     ServerError,
@@ -109,16 +109,12 @@ class OpenAICompatProvider(HTTPStreamingProvider):
         return ChatStreamParser(self.config, request, model, started)
 
 
-class ChatStreamParser:
+class ChatStreamParser(ParserBase):
     """A chat completion's server-sent events, as they come: the text of each chunk's first
     choice, the finish reason, the usage chunk; complete at ``[DONE]``."""
 
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
-        self.config = config
-        self.request = request
-        self.model = model
-        self.started = started
-        self.done = False
+        super().__init__(config, request, model, started)
         self._decoder = SSEDecoder()
         self._parts: list[str] = []
         self._ttft: float | None = None
@@ -172,15 +168,11 @@ class ChatStreamParser:
         )
 
 
-class WholeAnswerParser:
+class WholeAnswerParser(ParserBase):
     """A server that ignored ``stream: true`` answers one chat.completion object."""
 
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
-        self.config = config
-        self.request = request
-        self.model = model
-        self.started = started
-        self.done = False  # only the end of the body ends it
+        super().__init__(config, request, model, started)  # done stays False: only the body's end
         self._body = bytearray()
 
     def feed(self, data: bytes, emit: Callable[[str], None]) -> None:

@@ -80,6 +80,18 @@ class StreamParser(Protocol):
         ...
 
 
+class ParserBase:
+    """What every parser keeps: whose answer it reads, for which request and model, since when
+    (for the time to first token and the latency), and whether the answer is complete."""
+
+    def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
+        self.config = config
+        self.request = request
+        self.model = model
+        self.started = started
+        self.done = False
+
+
 # --- Body framing -------------------------------------------------------------------------------
 
 
