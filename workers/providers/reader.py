@@ -471,7 +471,10 @@ class StreamReader:
                 if now - handle.draining_since >= DRAIN_S:
                     self._release(handle)
                 continue
-            error = handle.overdue(now)
+            try:
+                error = handle.overdue(now)
+            except Exception as exc:  # a should_stop that fails ends its own stream only
+                error = exc
             if error is not None:
                 self._end(handle, error)
 
