@@ -219,3 +219,36 @@ def test_sigkill_mid_batch_with_packed_messages_every_record_lands_exactly_once(
     ids = _episode_ids(engine, tag)
     assert {f"job:{j.id}" for j in jobs} <= set(ids)
     wait_for(lambda: _unacked(redis_client) == 0, timeout=30, what="every message acknowledged")
+
+
+def test_packs_held_at_a_warm_shutdown_go_back_whole_and_land_once(
+    workers, submitter, engine, redis_client, unique
+):
+    tag = f"packed-shutdown-{unique}"
+    n = PACK + PACK // 2
+    jobs = submitter.submit_many("episodes.record", [_episode(tag, i) for i in range(n)])
+    # A worker that holds them unwritten: its flush window outlasts the test, the batch is
+    # not full.
+    holder = workers.start(QUEUE, env={"CONVEYOR_EPISODES_FLUSH_MS": "600000"})
+    wait_for(
+        lambda: _unacked(redis_client) == 2 and messages(redis_client, QUEUE) == [],
+        timeout=20,
+        what="both packs taken and held",
+    )
+    assert _rows(engine, tag) == 0
+    holder.stop()  # SIGTERM: a warm shutdown
+    wait_for(
+        lambda: len(messages(redis_client, QUEUE)) == 2 and _unacked(redis_client) == 0,
+        timeout=20,
+        what="both packs back on the queue, whole",
+    )
+    back = messages(redis_client, QUEUE)
+    assert sorted(len(m["headers"][PACK_HEADER]) for m in back) == [PACK // 2, PACK]
+
+    workers.start(QUEUE, env={"CONVEYOR_EPISODES_FLUSH_MS": "50"})
+    wait_for(lambda: _rows(engine, tag) >= n, timeout=30, what=f"{n} episodes written")
+    time.sleep(0.5)  # would anything more land?
+    assert _episode_ids(engine, tag) == {f"job:{job.id}": i for i, job in enumerate(jobs)}
+    wait_for(lambda: _unacked(redis_client) == 0, timeout=10, what="every message acknowledged")
+    counts = _report("packs held at a warm shutdown", n, engine, tag, messages=2)
+    assert (counts["committed"], counts["duplicated"], counts["lost"]) == (n, 0, 0)
