@@ -135,6 +135,8 @@ class EpisodeOutbox:
                 if self._pending is pending:
                     self._pending = None
             pending.error = f"could not send {len(pending.records)} episode(s): {exc!r}"
+            if not isinstance(exc, Exception):
+                raise  # a stop (SystemExit, a pool's time limit) stays what it is
             raise EpisodeNotSent(pending.error) from exc
         finally:
             pending.sent.set()
