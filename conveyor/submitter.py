@@ -315,27 +315,8 @@ class Submitter:
         }
         with self.app.producer_or_acquire() as producer:
             for start in range(0, len(jobs), size):
-                part = jobs[start : start + size]
-                if len(part) == 1:  # exactly the message anyone would send with Celery
-                    [(job_id, payload)] = part
-                    self.app.send_task(
-                        task,
-                        args=(payload,),
-                        task_id=job_id,
-                        producer=producer,
-                        argsrepr=_short(payload),
-                        **options,
-                    )
-                    continue
-                self.app.send_task(
-                    task,
-                    args=tuple(payload for _, payload in part),
-                    task_id=str(uuid.uuid4()),
-                    headers={PACK_HEADER: [job_id for job_id, _ in part]},
-                    producer=producer,
-                    argsrepr=f"{len(part)} records, the first: {_short(part[0][1])}",
-                    **options,
-                )
+                message = message_for(jobs[start : start + size])
+                self.app.send_task(task, producer=producer, **message, **options)
 
     def close(self) -> None:
         self.redis.close()
@@ -347,6 +328,21 @@ def _check_priority(priority: int | None) -> None:
         raise ValueError(
             f"priority must be a whole number from 0 (served first) to 9, not {priority!r}"
         )
+
+
+def message_for(records: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``send_task``'s ``args``, ``task_id``, ``headers`` and ``argsrepr`` for (job id, payload)
+    records of one task: for one record, exactly the message anyone would send with Celery;
+    for more, a pack (``PACK_HEADER``)."""
+    if len(records) == 1:
+        [(job_id, payload)] = records
+        return {"args": (payload,), "task_id": job_id, "argsrepr": _short(payload)}
+    return {
+        "args": tuple(payload for _, payload in records),
+        "task_id": str(uuid.uuid4()),
+        "headers": {PACK_HEADER: [job_id for job_id, _ in records]},
+        "argsrepr": f"{len(records)} records, the first: {_short(records[0][1])}",
+    }
 
 
 def _short(payload: dict[str, Any]) -> str:

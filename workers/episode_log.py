@@ -18,13 +18,12 @@ from __future__ import annotations
 import functools
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from conveyor.names import queue_for
 from conveyor.schemas.episodes import EpisodePayload
-from conveyor.submitter import PACK_HEADER
+from conveyor.submitter import message_for
 from workers.app import app
 from workers.failures import Retryable
 
@@ -62,23 +61,7 @@ def log_episode(job_id: str, *, together: bool = False, **fields: Any) -> str:
 def send_episodes(records: list[Record]) -> None:
     """One ``episodes.record`` message: a plain one for one record, else a pack."""
     queue = queue_for("episodes.record")
-    if len(records) == 1:
-        [(record_id, payload)] = records
-        args, task_id, headers = (payload,), record_id, None
-        argsrepr = f"episode of {payload.get('job_id')}"
-    else:
-        args = tuple(payload for _, payload in records)
-        task_id, headers = str(uuid.uuid4()), {PACK_HEADER: [rid for rid, _ in records]}
-        argsrepr = f"{len(records)} episodes"
-    app.send_task(
-        "episodes.record",
-        args=args,
-        task_id=task_id,
-        headers=headers,
-        queue=queue,
-        routing_key=queue,
-        argsrepr=argsrepr,  # not the prompts and answers: saferepr of them costs, and shows them
-    )
+    app.send_task("episodes.record", queue=queue, routing_key=queue, **message_for(records))
 
 
 class EpisodeNotSent(Retryable):

@@ -62,8 +62,6 @@ class ChatLinesParser(ParserBase):
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
         super().__init__(config, request, model, started)
         self._buffer = b""
-        self._parts: list[str] = []
-        self._ttft: float | None = None
         self._final: dict[str, Any] | None = None
 
     def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
@@ -82,10 +80,7 @@ class ChatLinesParser(ParserBase):
             message_part = payload.get("message") or {}
             text = message_part.get("content") if isinstance(message_part, dict) else None
             if isinstance(text, str) and text:
-                if self._ttft is None:
-                    self._ttft = time.monotonic() - self.started
-                self._parts.append(text)
-                emit(text)
+                self.take(text, emit)
             if payload.get("done") is True:
                 self._final = payload
                 self.done = True
@@ -97,7 +92,7 @@ class ChatLinesParser(ParserBase):
                 f"{self.config.name}: the stream ended before its done line (connection cut?)"
             )
         return _completion(
-            self.request, "".join(self._parts), self._final, self.model, self.started, self._ttft
+            self.request, "".join(self.parts), self._final, self.model, self.started, self.ttft
         )
 
 

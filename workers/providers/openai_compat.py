@@ -116,8 +116,6 @@ class ChatStreamParser(ParserBase):
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
         super().__init__(config, request, model, started)
         self._decoder = SSEDecoder()
-        self._parts: list[str] = []
-        self._ttft: float | None = None
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
 
@@ -144,10 +142,7 @@ class ChatStreamParser(ParserBase):
                 delta = choice.get("delta") or {}
                 piece = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(piece, str) and piece:
-                    if self._ttft is None:
-                        self._ttft = time.monotonic() - self.started
-                    self._parts.append(piece)
-                    emit(piece)
+                    self.take(piece, emit)
                 if choice.get("finish_reason"):
                     self._finish_reason = str(choice["finish_reason"])
 
@@ -159,12 +154,12 @@ class ChatStreamParser(ParserBase):
             raise Retryable(f"{name}: the stream ended without a finish_reason")
         return _completion(
             self.request,
-            "".join(self._parts),
+            "".join(self.parts),
             self.model,
             self._finish_reason,
             self._usage,
             self.started,
-            self._ttft,
+            self.ttft,
         )
 
 
@@ -191,9 +186,8 @@ class WholeAnswerParser(ParserBase):
         text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str) or not choice.get("finish_reason"):
             raise Retryable(f"{name}: an answer without content or finish_reason")
-        ttft = time.monotonic() - self.started if text else None
         if text:
-            emit(text)
+            self.take(text, emit)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else None
         return _completion(
             self.request,
@@ -202,7 +196,7 @@ class WholeAnswerParser(ParserBase):
             str(choice["finish_reason"]),
             usage,
             self.started,
-            ttft,
+            self.ttft,
         )
 
 

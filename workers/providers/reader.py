@@ -82,7 +82,8 @@ class StreamParser(Protocol):
 
 class ParserBase:
     """What every parser keeps: whose answer it reads, for which request and model, since when
-    (for the time to first token and the latency), and whether the answer is complete."""
+    (for the time to first token and the latency), the text so far, and whether the answer is
+    complete."""
 
     def __init__(self, config: ProviderConfig, request: ChatRequest, model: str, started: float):
         self.config = config
@@ -90,6 +91,15 @@ class ParserBase:
         self.model = model
         self.started = started
         self.done = False
+        self.parts: list[str] = []
+        self.ttft: float | None = None
+
+    def take(self, text: str, emit: Callable[[str], None]) -> None:
+        """One piece of the answer's text: kept, timed if it is the first, passed on."""
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.started
+        self.parts.append(text)
+        emit(text)
 
 
 # --- Body framing -------------------------------------------------------------------------------
@@ -338,10 +348,6 @@ class StreamReader:
         with contextlib.suppress(BlockingIOError):  # full: the reader has wake-ups pending
             self._wake_w.send(b"\0")
         return handle
-
-    def read(self, response: requests.Response, parser: StreamParser, **options: Any) -> Completion:
-        """``start`` and ``wait``: the stream's ``Completion``, or its error."""
-        return self.start(response, parser, **options).wait()
 
     # -- the reader thread
 
