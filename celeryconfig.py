@@ -48,7 +48,7 @@ task_default_priority = 5
 task_acks_late = True
 task_reject_on_worker_lost = True
 # A task that failed for good, or overran its hard time limit (having ignored the soft one that
-# makes it retry), is acknowledged: workers.jobs records it in dead_letters.
+# makes it retry), is acknowledged: workers.runtime.job records it in dead_letters.
 task_acks_on_failure = True
 task_acks_on_timeout = True
 # Long jobs must not sit behind a prefetched backlog; pools that batch raise this themselves.
@@ -87,7 +87,7 @@ broker_connection_max_retries = env_int("CONVEYOR_BROKER_MAX_RETRIES", 100, mini
 
 #: Our consumer dead-letters the messages Celery refuses (pickle, unknown task) instead of
 #: dropping them.
-worker_consumer = "workers.consumer:Consumer"
+worker_consumer = "workers.runtime.consumer:Consumer"
 
 # --- Results --------------------------------------------------------------------------------
 #: Seconds a finished job's result envelope is kept in Redis (Redis must never have to evict).
@@ -146,7 +146,7 @@ conveyor_event_stream_maxlen = env_int("CONVEYOR_EVENT_STREAM_MAXLEN", 1000, min
 conveyor_event_ttl = env_int("CONVEYOR_EVENT_TTL", 86_400, minimum=60)
 
 # --- AI generation. Providers themselves (LLM_BASE_URL, LLM_API_KEY, LLM_MODEL, LLM_PROVIDER,
-# CONVEYOR_PROVIDERS, ...) are read by workers.providers.base.providers_from_env when the ai
+# CONVEYOR_PROVIDERS, ...) are read by workers.ai.providers.base.providers_from_env when the ai
 # task module loads, so a malformed one stops the worker at start.
 #: Seconds between two progress events of one generation: a fast model's tokens are
 #: coalesced so one job cannot flood Redis (10 events/s at most by default).
@@ -165,7 +165,7 @@ conveyor_ai_history_tokens = env_int("CONVEYOR_AI_HISTORY_TOKENS", 2000, minimum
 conveyor_cancel_check_s = env_float("CONVEYOR_CANCEL_CHECK", 0.5, minimum=0.05)
 
 # --- n8n workflows. The instance (N8N_BASE_URL, N8N_API_KEY, N8N_WORKFLOWS, N8N_CONNECT_TIMEOUT,
-# N8N_READ_TIMEOUT) is read by workers.n8n.n8n_from_env when the n8n task module loads, so a
+# N8N_READ_TIMEOUT) is read by workers.n8n.client.n8n_from_env when the n8n task module loads, so a
 # malformed one stops the worker at start, and the API key never enters this configuration
 # (Flower and `celery inspect conf` show it).
 #: Seconds before the first read of an async execution. Later reads wait about the execution's
@@ -188,7 +188,7 @@ conveyor_n8n_reconcile_grace_s = env_float("CONVEYOR_N8N_RECONCILE_GRACE", 30.0,
 #: Executions one reconciler run reads at most; beat runs it again 30 s later.
 conveyor_n8n_reconcile_batch = env_int("CONVEYOR_N8N_RECONCILE_BATCH", 200, minimum=1)
 
-# --- Episodes (workers.batching, tasks/episodes.py) ---------------------------------------------
+# --- Episodes (workers.runtime.batching, tasks/episodes.py) -------------------------------
 #: Records one batch writes in one round trip. A few hundred rows a statement is where
 #: Postgres' multi-row insert levels off (~37k rows/s here, against ~2.6k one row a commit).
 conveyor_episodes_batch_size = env_int("CONVEYOR_EPISODES_BATCH_SIZE", 500, minimum=1)

@@ -1060,7 +1060,7 @@ def _redis(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, int | No
             redis.Redis.from_url(f"{base}/{db}").flushdb()
         yield base, None
         return
-    from workers.embedded import EmbeddedRedis
+    from workers.dev.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(work / "valkey", persist=False)
     server.start()

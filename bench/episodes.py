@@ -202,8 +202,8 @@ class Bench:
 
         import celeryconfig
         from conveyor import Submitter
-        from workers.connections import database_url as sqlalchemy_url
-        from workers.queue_metrics import queue_keys
+        from workers.observability.queues import queue_keys
+        from workers.runtime.connections import database_url as sqlalchemy_url
 
         self.args = args
         self.home = home
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     (home / "logs").mkdir()
     stops = []
     try:
-        from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+        from workers.dev.embedded import EmbeddedPostgres, EmbeddedRedis
 
         redis_pid = postgres_pid = None
         redis_url = args.redis_url

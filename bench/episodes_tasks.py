@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.schemas import validate_payload
-from workers import connections
 from workers.app import app
-from workers.batching import BatchContext, Item, Verdict, batch_job
-from workers.episode_log import episode_id_for
+from workers.episodes.outbox import episode_id_for
+from workers.runtime import connections
+from workers.runtime.batching import BatchContext, Item, Verdict, batch_job
 from workers.store.episodes import _COLUMNS, _TEMPLATE, episode_row
 
 _ONE_ROW = (

@@ -55,7 +55,7 @@ QUEUE_METRICS = f"{PREFIX}:metrics:queues"
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared circuit breakers and rate limits (``workers/breakers.py``, ``workers/ratelimit.py``).
+# Shared circuit breakers and rate limits (``workers/resilience/``).
 # One hash per upstream, changed only by Lua scripts on that one key, so every transition is
 # atomic across the fleet (and cluster-safe). Times inside are Redis server time in ms, so
 # workers with skewed clocks agree.

@@ -2,7 +2,7 @@
 
 Other services rely on these names (see DESIGN.md). ``celeryconfig`` builds its routes from
 this table and the submitter refuses any name not in it, so a rename here is a conscious act
-that ``tests/test_contract.py`` makes visible.
+that ``tests/client/test_contract.py`` makes visible.
 """
 
 from __future__ import annotations

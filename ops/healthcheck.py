@@ -97,7 +97,7 @@ def _unreachable(what: str, exc: Exception) -> int:
 def check_worker(args: argparse.Namespace) -> int:
     import redis
 
-    from workers.queue_metrics import queue_keys
+    from workers.observability.queues import queue_keys
 
     app = _app()
     pools = app.conf.conveyor_pools

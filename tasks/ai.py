@@ -1,7 +1,7 @@
 """``ai.*``: completion, chat, code and analysis jobs.
 
-Each builds its chat messages (``workers.prompts``), runs one streamed generation
-(``workers.generation``: provider, circuit, fallbacks, rate limit, coalesced progress), shapes
+Each builds its chat messages (``workers.ai.prompts``), runs one streamed generation
+(``workers.ai.generation``: provider, circuit, fallbacks, rate limit, coalesced progress), shapes
 the answer, and records the interaction as an episode.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from conveyor.schemas.ai import AnalyzePayload, ChatPayload, CodePayload, GeneratePayload
-from workers import connections
+from workers.ai.generation import CancelWatch, Generation, Generator
+from workers.ai.prompts import AnswerDoesNotFit, extract_code_blocks, messages_for, parse_analysis
+from workers.ai.providers import default_provider_name, providers_from_env
 from workers.app import app
-from workers.episode_log import log_episode
-from workers.generation import CancelWatch, Generation, Generator
-from workers.jobs import JobContext, job
-from workers.prompts import AnswerDoesNotFit, extract_code_blocks, messages_for, parse_analysis
-from workers.providers import default_provider_name, providers_from_env
+from workers.episodes.outbox import log_episode
+from workers.runtime import connections
+from workers.runtime.job import JobContext, job
 from workers.store.episodes import recent_episodes
 
 #: Read when the worker loads its tasks, so a malformed provider setting stops it at start.

@@ -1,7 +1,7 @@
 """``episodes.record`` and the beat job that keeps ``episodic_logs`` from growing forever.
 
-``episodes.record`` is a batched task (``workers.batching``): the episodes pool writes records
-in batches of ``CONVEYOR_EPISODES_BATCH_SIZE`` (or whatever arrived within
+``episodes.record`` is a batched task (``workers.runtime.batching``): the episodes pool writes
+records in batches of ``CONVEYOR_EPISODES_BATCH_SIZE`` (or whatever arrived within
 ``CONVEYOR_EPISODES_FLUSH_MS``), one round trip each, and acknowledges a message (one record,
 or up to ``CONVEYOR_EPISODES_PACK`` packed by ``submit_many``) only after every record in it is
 settled. It publishes no per-record events and keeps no success result:
@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.schemas.episodes import EpisodeRetentionPayload
-from workers import connections
 from workers.app import app
-from workers.batching import BatchContext, Item, Verdict, batch_job
-from workers.episode_writer import write_batch
-from workers.jobs import JobContext, job
+from workers.episodes.writer import write_batch
+from workers.runtime import connections
+from workers.runtime.batching import BatchContext, Item, Verdict, batch_job
+from workers.runtime.job import JobContext, job
 from workers.store.episodes import delete_older_than
 
 

@@ -8,10 +8,10 @@ from typing import Any
 from conveyor import keys
 from conveyor.names import QUEUES
 from conveyor.schemas.maintenance import NoPayload, PingPayload
-from workers import connections
 from workers.app import app
-from workers.jobs import JobContext, job
-from workers.queue_metrics import queue_lengths
+from workers.observability.queues import queue_lengths
+from workers.runtime import connections
+from workers.runtime.job import JobContext, job
 from workers.store import dead_letters
 
 

@@ -1,6 +1,6 @@
 """``n8n.execute``, and the beat job that finishes what it hands over.
 
-Thin adapters over ``workers.workflows``: trigger a workflow once, follow it to its end (or
+Thin adapters over ``workers.n8n.workflows``: trigger a workflow once, follow it to its end (or
 until the job's deadline), record the episode. ``maintenance.reconcile_workflows`` runs on the
 maintenance pool (its task name routes it there) and lives here because it is n8n's.
 """
@@ -17,12 +17,13 @@ from conveyor.errors import JobFailed
 from conveyor.names import queue_for
 from conveyor.schemas.maintenance import NoPayload
 from conveyor.schemas.n8n import N8nExecutePayload
-from workers import connections, workflows
 from workers.app import app
-from workers.breakers import SharedBreaker
-from workers.episode_log import log_episode
-from workers.jobs import JobContext, job, publisher
-from workers.n8n import n8n_from_env
+from workers.episodes.outbox import log_episode
+from workers.n8n import workflows
+from workers.n8n.client import n8n_from_env
+from workers.resilience.breakers import SharedBreaker
+from workers.runtime import connections
+from workers.runtime.job import JobContext, job, publisher
 from workers.store import dead_letters
 from workers.store.executions import ExecutionRow
 

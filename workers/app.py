@@ -15,6 +15,6 @@ app.config_from_object("celeryconfig")
 @worker_process_init.connect
 def _fresh_connections_after_fork(**_: object) -> None:
     """A forked child must not reuse its parent's sockets (SQLAlchemy pool, Redis client)."""
-    from workers import connections
+    from workers.runtime import connections
 
     connections.reset()

@@ -3,7 +3,7 @@
 Clients of the outside world raise ``Retryable`` (with an optional delay, e.g. from
 ``Retry-After``) or ``Permanent``. ``classify`` maps everything else: outages of the
 infrastructure we depend on are retryable, anything unknown is permanent — retrying a bug
-only hides it. ``workers.jobs`` turns the verdict into a Celery retry or a dead letter.
+only hides it. ``workers.runtime.job`` turns the verdict into a Celery retry or a dead letter.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A fake n8n 2.x on a real socket: production webhooks and the public API's executions.
 
 Tests script workflows by webhook path and then talk to it over HTTP, exactly as the worker
-talks to n8n. What is copied from n8n (see ``workers/n8n.py`` for the sources):
+talks to n8n. What is copied from n8n (see ``workers/n8n/client.py`` for the sources):
 
 - ``POST /webhook/{path}``: an unknown path answers 404 with n8n's ``code``/``message``/``hint``
   body; a workflow that fails before answering gets ``500 {"message": "Error in workflow"}``; an

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import celeryconfig
-from workers.queue_metrics import queue_keys
+from workers.observability.queues import queue_keys
 
 
 def _keys(queue: str) -> list[str]:

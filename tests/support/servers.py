@@ -13,7 +13,7 @@ import redis
 from psycopg2 import sql
 from sqlalchemy.engine import make_url
 
-from workers.embedded import EmbeddedPostgres, EmbeddedRedis
+from workers.dev.embedded import EmbeddedPostgres, EmbeddedRedis
 
 
 @dataclass

@@ -11,6 +11,16 @@ import time
 import uuid
 from pathlib import Path
 
+#: Worker settings under which a killed worker's job comes back within seconds, not 30 min.
+FAST_REDELIVERY = {
+    "CONVEYOR_VISIBILITY_TIMEOUT": "7",
+    "CONVEYOR_RETRY_CAP": "1",
+    "CONVEYOR_AI_TIME_LIMIT": "5",
+    "CONVEYOR_N8N_TIME_LIMIT": "5",
+    "CONVEYOR_EPISODES_TIME_LIMIT": "5",
+    "CONVEYOR_MAINTENANCE_TIME_LIMIT": "5",
+}
+
 
 class WorkerProcess:
     def __init__(self, pool: str, process: subprocess.Popen, log_path: Path, hostname: str):

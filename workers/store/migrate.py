@@ -14,7 +14,7 @@ def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if url is not None:
-        from workers.connections import database_url
+        from workers.runtime.connections import database_url
 
         # ConfigParser interpolation: a literal % in a password must be doubled.
         config.set_main_option("sqlalchemy.url", database_url(url).replace("%", "%%"))

@@ -13,7 +13,7 @@ config = context.config
 def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
     if url is None:
-        from workers.connections import database_url
+        from workers.runtime.connections import database_url
 
         url = database_url()
     if context.is_offline_mode():

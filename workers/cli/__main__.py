@@ -1,0 +1,5 @@
+import sys
+
+from workers.cli.main import main
+
+sys.exit(main())

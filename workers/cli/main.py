@@ -1,0 +1,246 @@
+"""``conveyor``: the one command for operators and for services without Python.
+
+conveyor dev                         the whole stack on this machine (embedded servers if
+                                     REDIS_URL / DATABASE_URL are not set)
+conveyor worker POOL [celery args]   one worker pool: ai, n8n, episodes, maintenance
+conveyor beat [celery args]          the scheduler (celery-redbeat, lock-safe)
+conveyor flower [flower args]        monitoring (authentication required outside dev mode)
+conveyor migrate                     bring the database schema up to date
+conveyor submit TASK --data JSON     enqueue a job; --wait for its result, --follow its events
+conveyor cancel JOB_ID               ask a job to stop (queued or streaming)
+conveyor episodes [filters]          episodes as JSON lines, newest first (--cursor pages on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+#: Exit codes of ``conveyor submit``, so scripts can tell outcomes apart.
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 3
+EXIT_UNAVAILABLE = 4
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("worker", "beat", "flower"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return int(args.handler(args, rest) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="run the whole stack on this machine")
+    dev.add_argument("--no-demo", action="store_true", help="do not submit the first job")
+    dev.add_argument("--flower-port", type=int, default=5555)
+    dev.set_defaults(handler=_dev)
+
+    worker = commands.add_parser("worker", help="start one worker pool (extra args go to celery)")
+    worker.add_argument("pool", help="ai, n8n, episodes or maintenance")
+    worker.set_defaults(handler=_worker)
+
+    beat = commands.add_parser("beat", help="start the scheduler (extra args go to celery)")
+    beat.set_defaults(handler=_beat)
+
+    flower = commands.add_parser("flower", help="start Flower (extra args go to flower)")
+    flower.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT", "5555")))
+    flower.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS", "127.0.0.1"))
+    flower.set_defaults(handler=_flower)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(handler=_migrate)
+
+    submit = commands.add_parser("submit", help="enqueue a job and print its id")
+    submit.add_argument("task", help="a public task name, e.g. ai.chat")
+    submit.add_argument(
+        "--data",
+        default="{}",
+        help="the payload: JSON, @FILE to read it from a file, or - for stdin",
+    )
+    submit.add_argument("--wait", action="store_true", help="print the result envelope")
+    submit.add_argument("--follow", action="store_true", help="print each event as a JSON line")
+    submit.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait (default 300)"
+    )
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--priority", type=int, help="0 (served first) to 9")
+    submit.add_argument("--countdown", type=float, help="seconds to wait before running")
+    submit.set_defaults(handler=_submit)
+
+    cancel = commands.add_parser("cancel", help="ask a job to stop")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=_cancel)
+
+    episodes = commands.add_parser("episodes", help="print episodes as JSON lines, newest first")
+    episodes.add_argument("--user", help="user_id")
+    episodes.add_argument("--session", help="session_id")
+    episodes.add_argument("--model", help="model_type")
+    episodes.add_argument("--status", help="e.g. success")
+    episodes.add_argument("--since", help="from this time (ISO 8601, or an age: 30m, 12h, 7d)")
+    episodes.add_argument("--until", help="before this time (ISO 8601, or an age)")
+    episodes.add_argument("--search", help="words in prompt or response (web-search syntax)")
+    episodes.add_argument("--limit", type=int, default=50, help="episodes a page (1-1000)")
+    episodes.add_argument("--cursor", help="the next_cursor a previous page printed")
+    episodes.add_argument("--all", action="store_true", help="every page, not just one")
+    episodes.set_defaults(handler=_episodes)
+    return parser
+
+
+def _worker(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers.app import app
+    from workers.pools import pool_spec
+
+    try:
+        spec = pool_spec(args.pool)
+    except KeyError as exc:
+        print(f"conveyor worker: {exc.args[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    app.worker_main([*spec.worker_argv(), *rest])
+    return 0
+
+
+def _beat(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers.app import app
+
+    app.start(["beat", "--loglevel=INFO", *rest])
+    return 0
+
+
+def _flower(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers.app import app
+
+    flower_args = [f"--port={args.port}", f"--address={args.address}"]
+    has_auth = os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")
+    if app.conf.conveyor_env != "dev" and not has_auth:
+        print(
+            "conveyor flower: set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH with an "
+            "OAuth provider) outside dev mode (CONVEYOR_ENV=dev)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if not has_auth:  # dev mode, bound to localhost: let dashboards and tests use the API
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    app.start(["flower", *flower_args, *rest])
+    return 0
+
+
+def _migrate(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers.store.migrate import upgrade
+
+    upgrade(os.environ.get("DATABASE_URL"), args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def _dev(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers.dev.stack import run_dev_stack
+
+    return run_dev_stack(demo=not args.no_demo, flower_port=args.flower_port)
+
+
+def _submit(args: argparse.Namespace, rest: list[str]) -> int:
+    from conveyor import ConveyorError, PayloadError, Submitter, UnknownTaskError
+
+    try:
+        payload = _read_payload(args.data)
+    except ValueError as exc:
+        print(f"conveyor submit: --data is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    submitter = Submitter()
+    try:
+        job = submitter.submit(
+            args.task,
+            payload,
+            idempotency_key=args.idempotency_key,
+            priority=args.priority,
+            countdown=args.countdown,
+        )
+    except (PayloadError, UnknownTaskError, ValueError) as exc:
+        print(f"conveyor submit: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConveyorError as exc:
+        print(f"conveyor submit: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(job.id, flush=True)
+    if args.follow:
+        for event in job.events(timeout=args.timeout):
+            _print_json(event)
+    if not (args.wait or args.follow):
+        return EXIT_OK
+    try:
+        envelope = job.result(timeout=args.timeout)
+    except TimeoutError as exc:
+        print(f"conveyor submit: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if args.wait:
+        _print_json(envelope)
+    return EXIT_OK if envelope["success"] else EXIT_JOB_FAILED
+
+
+def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
+    from conveyor import Submitter
+
+    Submitter().cancel(args.job_id)
+    print(f"cancel requested for {args.job_id}")
+    return EXIT_OK
+
+
+def _episodes(args: argparse.Namespace, rest: list[str]) -> int:
+    """Episodes on stdout, one JSON object a line; the next page's cursor on stderr as
+    ``{"next_cursor": ...}`` (none after the last page)."""
+    from workers.runtime.connections import engine
+    from workers.store.episodes import BadCursor, parse_time, query_episodes
+
+    try:
+        filters = {
+            "user_id": args.user,
+            "session_id": args.session,
+            "model_type": args.model,
+            "status": args.status,
+            "search": args.search,
+            "since": parse_time(args.since) if args.since else None,
+            "until": parse_time(args.until) if args.until else None,
+        }
+        cursor = args.cursor
+        while True:
+            page = query_episodes(engine(), limit=args.limit, cursor=cursor, **filters)
+            for episode in page.episodes:
+                _print_json(episode)
+            cursor = page.next_cursor
+            if cursor is None or not args.all:
+                break
+    except (BadCursor, ValueError) as exc:
+        print(f"conveyor episodes: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if cursor is not None:
+        print(json.dumps({"next_cursor": cursor}), file=sys.stderr)
+    return EXIT_OK
+
+
+def _read_payload(data: str) -> Any:
+    if data == "-":
+        data = sys.stdin.read()
+    elif data.startswith("@"):
+        with open(data[1:], encoding="utf-8") as f:
+            data = f.read()
+    return json.loads(data)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False), flush=True)
