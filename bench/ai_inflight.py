@@ -758,7 +758,7 @@ def run_conveyor(setup: Setup) -> Phase:
     for setting in args.worker_env:
         name, _, value = setting.partition("=")
         env[name] = value
-    os.environ["REDIS_URL"] = url  # the submitter's celeryconfig reads it
+    os.environ["REDIS_URL"] = url  # the submitter (ClientConfig.from_env) reads it
     from conveyor import Submitter
 
     submitter = Submitter(broker_url=url, redis_url=url)

@@ -202,6 +202,7 @@ class Bench:
 
         import celeryconfig
         from conveyor import Submitter
+        from workers import settings
         from workers.observability.queues import queue_keys
         from workers.runtime.connections import database_url as sqlalchemy_url
 
@@ -213,10 +214,10 @@ class Bench:
         options = celeryconfig.broker_transport_options
         self.queue_keys = queue_keys(QUEUE, options["priority_steps"], options["sep"])
         self.env = {**os.environ}
-        self.pool = celeryconfig.conveyor_pools[QUEUE]
-        self.batch_size = celeryconfig.conveyor_episodes_batch_size
-        self.flush_ms = celeryconfig.conveyor_episodes_flush_ms
-        self.pack = celeryconfig.conveyor_episodes_pack
+        self.pool = settings.pool(QUEUE)
+        self.batch_size = settings.episodes().batch_size
+        self.flush_ms = settings.episodes().flush_ms
+        self.pack = self.submitter.config.episodes_pack
         self.redis_pid: int | None = None
         self.postgres_pid: int | None = None
 
@@ -631,9 +632,9 @@ def main(argv: list[str] | None = None) -> int:
             machine={"cpus": os.cpu_count(), "load_before": [round(x, 2) for x in os.getloadavg()]},
             config={
                 "workers": args.workers,
-                "pool": bench.pool["pool"],
-                "concurrency": bench.pool["concurrency"],
-                "prefetch_multiplier": bench.pool["prefetch_multiplier"],
+                "pool": bench.pool.pool,
+                "concurrency": bench.pool.concurrency,
+                "prefetch_multiplier": bench.pool.prefetch_multiplier,
                 "batch_size": bench.batch_size,
                 "pack": bench.pack,
                 "submit_many_chunks": {

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.schemas import validate_payload
+from workers import settings
 from workers.app import app
 from workers.episodes.outbox import episode_id_for
 from workers.runtime import connections
@@ -35,7 +36,7 @@ def episodes_noop(ctx: BatchContext, items: list[Item]) -> Verdict:
 @app.task(name="bench.episode_one_row", bind=True, ignore_result=True, track_started=False)
 def episode_one_row(task: Any, payload: dict[str, Any]) -> None:
     valid = validate_payload(
-        "episodes.record", payload, max_bytes=app.conf.conveyor_max_payload_bytes
+        "episodes.record", payload, max_bytes=settings.core().max_payload_bytes
     )
     row = episode_row(valid, episode_id=valid.episode_id or episode_id_for(task.request.id))
     with connections.engine().begin() as conn:

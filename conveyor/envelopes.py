@@ -16,6 +16,21 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "maintenance": ("maintenance", "maintenance"),
 }
 
+#: What an event says of its job: ``<prefix>_<suffix>``, e.g. ``ai_generation_progress``.
+EventSuffix = Literal["start", "progress", "complete", "error"]
+
+
+def event_name(family: str, suffix: EventSuffix) -> str:
+    """The one place an event name is spelled: ``event_name("n8n", "error")`` is
+    ``workflow_execution_error``."""
+    return f"{FAMILIES[family][1]}_{suffix}"
+
+
+def component_of(family: str) -> str:
+    """The ``component`` field of a family's events (``n8n`` -> ``workflow``)."""
+    return FAMILIES[family][0]
+
+
 #: Event types that end a job's stream: a follower stops after one of them.
 TERMINAL_TYPES = frozenset({"complete", "error"})
 

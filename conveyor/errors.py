@@ -25,3 +25,8 @@ class PayloadError(ConveyorError, ValueError):
 
 class JobFailed(ConveyorError):
     """Raised by ``Job.result(raise_on_failure=True)`` when the job ended in failure."""
+
+
+class ConfigError(ConveyorError, ValueError):
+    """An environment variable is set to something Conveyor cannot use; the message names it
+    (and never shows a secret's value)."""

@@ -6,14 +6,14 @@ needs neither the workers' code nor their dependencies.
 
     from conveyor import Submitter
 
-    submitter = Submitter()                       # REDIS_URL / CELERY_BROKER_URL from the env
+    submitter = Submitter()                       # ClientConfig.from_env(): REDIS_URL, …
     job = submitter.submit("ai.chat", {"messages": [{"role": "user", "content": "hi"}]})
     for event in job.events():                    # replay, then follow live, until it ends
         print(event["event"], event["data"])
     print(job.result(timeout=60))                 # the result envelope
 
 ``submit_many`` of ``episodes.record`` packs its records into few messages (up to
-``CONVEYOR_EPISODES_PACK`` each): see ``PACK_HEADER``.
+``CONVEYOR_EPISODES_PACK`` each): see ``conveyor.messages``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -30,23 +31,12 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from conveyor import keys
+from conveyor.config import ClientConfig
 from conveyor.envelopes import TERMINAL_TYPES, iso_ms, result_envelope
 from conveyor.errors import ConveyorError, JobFailed, PayloadError
+from conveyor.messages import message_for
 from conveyor.names import queue_for
 from conveyor.schemas import schema_for, validate_payload
-
-#: Characters of a payload shown in Flower and worker logs (``argsrepr``): prompts can be long.
-_ARGSREPR_CHARS = 200
-
-#: A packed message: many records of one task submitted together travel as one broker message
-#: (Celery's cost per message, not the records', bounds the episodes pool). Its args are the
-#: records, in order; this header lists each record's own job id, aligned with the args; the
-#: message has an id of its own. A message of one record is a plain Celery message, as ever.
-PACK_HEADER = "conveyor_pack"
-
-#: Tasks whose ``submit_many`` packs records, with the setting (``celeryconfig``) of how many
-#: records a message carries at most. Only batched tasks, whose worker expands a pack, qualify.
-_PACKED_TASKS = {"episodes.record": "conveyor_episodes_pack"}
 
 
 class Job:
@@ -123,33 +113,31 @@ class Submitter:
 
     def __init__(
         self,
+        config: ClientConfig | None = None,
         *,
         broker_url: str | None = None,
         redis_url: str | None = None,
         result_backend: str | None = None,
     ):
-        import celeryconfig  # plain settings module: no task code behind it
-
+        """``config`` defaults to ``ClientConfig.from_env()`` (``REDIS_URL``,
+        ``CELERY_BROKER_URL``, ``CELERY_RESULT_BACKEND``, ``CONVEYOR_MAX_PAYLOAD_BYTES``, …);
+        the keyword URLs override it. Nothing else of the environment is read."""
+        config = config or ClientConfig.from_env()
+        overrides = {"redis_url": redis_url, "broker": broker_url, "result_backend": result_backend}
+        overrides = {k: v for k, v in overrides.items() if v}
+        if redis_url and not result_backend and not config.result_backend:
+            overrides["result_backend"] = redis_url
+        self.config = config = replace(config, **overrides) if overrides else config
         self.app = Celery("conveyor-submitter", set_as_current=False)
-        self.app.config_from_object(celeryconfig)
-        overrides = {"broker_url": broker_url, "result_backend": result_backend or redis_url}
-        self.app.conf.update({k: v for k, v in overrides.items() if v})
+        self.app.conf.update(config.celery_settings())
         self.redis = redis.Redis.from_url(
-            redis_url or celeryconfig.redis_url, socket_timeout=30, socket_connect_timeout=5
+            config.redis_url, socket_timeout=30, socket_connect_timeout=5
         )
-        self._max_bytes: int = celeryconfig.conveyor_max_payload_bytes
-        self._pack: dict[str, int] = {
-            task: getattr(celeryconfig, setting) for task, setting in _PACKED_TASKS.items()
-        }
-        self._idempotency_ttl: int = celeryconfig.conveyor_idempotency_ttl
-        # A delayed job waits, unacknowledged, in a worker until it is due: past the visibility
-        # timeout (less the time it may then run) Redis would hand it to a second worker.
-        longest_run = max(p["time_limit"] for p in celeryconfig.conveyor_pools.values())
-        self._max_delay_s: float = celeryconfig.visibility_timeout - longest_run
+        self._pack: dict[str, int] = {"episodes.record": config.episodes_pack}
 
     def validate(self, task: str, payload: Any) -> None:
         """Raise ``UnknownTaskError`` or ``PayloadError`` exactly as ``submit`` would."""
-        validate_payload(task, payload, max_bytes=self._max_bytes)
+        validate_payload(task, payload, max_bytes=self.config.max_payload_bytes)
 
     def submit(
         self,
@@ -232,7 +220,7 @@ class Submitter:
         """Ask a job to stop: a queued one is skipped when it comes up, a streaming generation
         stops within a fraction of a second; either ends with an ``error`` event (reason
         ``cancelled``). A job that already finished is not affected."""
-        self.redis.set(keys.cancel(job_id), "1", ex=self._idempotency_ttl)
+        self.redis.set(keys.cancel(job_id), "1", ex=self.config.idempotency_ttl_s)
 
     def job(self, job_id: str, task: str = "") -> Job:
         """A handle on a job submitted earlier (by any process)."""
@@ -245,9 +233,9 @@ class Submitter:
         if eta is not None:
             now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now()
             delay = max(delay, (eta - now).total_seconds())
-        if delay > self._max_delay_s:
+        if delay > self.config.max_delay_s:
             raise ValueError(
-                f"a job can be delayed by at most {self._max_delay_s:g} s "
+                f"a job can be delayed by at most {self.config.max_delay_s:g} s "
                 "(CONVEYOR_VISIBILITY_TIMEOUT less the longest time limit), not "
                 f"{delay:g} s: schedule it later instead"
             )
@@ -261,7 +249,12 @@ class Submitter:
             return [None] * len(idem)
         pipe = self.redis.pipeline(transaction=False)
         for i in claimed:
-            pipe.set(keys.idempotency(task, idem[i]), job_ids[i], nx=True, ex=self._idempotency_ttl)
+            pipe.set(
+                keys.idempotency(task, idem[i]),
+                job_ids[i],
+                nx=True,
+                ex=self.config.idempotency_ttl_s,
+            )
             pipe.get(keys.idempotency(task, idem[i]))
         replies = pipe.execute()
         result: list[str | None] = [None] * len(idem)
@@ -304,7 +297,7 @@ class Submitter:
             return
         queue = queue or queue_for(task)
         if priority is None:
-            priority = self.app.conf.task_default_priority  # send_task does not apply it itself
+            priority = self.config.default_priority  # send_task does not apply it itself
         size = pack or self._pack.get(task, 1)
         options = {
             "queue": queue,
@@ -328,26 +321,6 @@ def _check_priority(priority: int | None) -> None:
         raise ValueError(
             f"priority must be a whole number from 0 (served first) to 9, not {priority!r}"
         )
-
-
-def message_for(records: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``send_task``'s ``args``, ``task_id``, ``headers`` and ``argsrepr`` for (job id, payload)
-    records of one task: for one record, exactly the message anyone would send with Celery;
-    for more, a pack (``PACK_HEADER``)."""
-    if len(records) == 1:
-        [(job_id, payload)] = records
-        return {"args": (payload,), "task_id": job_id, "argsrepr": _short(payload)}
-    return {
-        "args": tuple(payload for _, payload in records),
-        "task_id": str(uuid.uuid4()),
-        "headers": {PACK_HEADER: [job_id for job_id, _ in records]},
-        "argsrepr": f"{len(records)} records, the first: {_short(records[0][1])}",
-    }
-
-
-def _short(payload: dict[str, Any]) -> str:
-    text = json.dumps(payload, ensure_ascii=False, default=str)
-    return text if len(text) <= _ARGSREPR_CHARS else text[:_ARGSREPR_CHARS] + "…"
 
 
 def _describe_failure(value: Any) -> str:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds with jobs waiting, a free slot and no job started before it is stuck "
         "(default: 2 x CONVEYOR_RETRY_CAP + 60, i.e. 300)",
     )
-    worker.add_argument("--state-dir", default=os.environ.get("TMPDIR", "/tmp"))
+    worker.add_argument("--state-dir", default=tempfile.gettempdir())
     worker.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for replies")
 
     beat = checks.add_parser("beat", help="the redbeat schedule is not running late")
@@ -97,17 +97,18 @@ def _unreachable(what: str, exc: Exception) -> int:
 def check_worker(args: argparse.Namespace) -> int:
     import redis
 
+    from conveyor.names import QUEUES
+    from workers import settings
     from workers.observability.queues import queue_keys
 
     app = _app()
-    pools = app.conf.conveyor_pools
-    if args.pool not in pools:
-        raise _Usage(f"unknown pool {args.pool!r}; pools: {', '.join(pools)}")
+    if args.pool not in QUEUES:
+        raise _Usage(f"unknown pool {args.pool!r}; pools: {', '.join(QUEUES)}")
     node = args.hostname or f"{args.pool}@{socket.gethostname()}"
     options = app.conf.broker_transport_options
     lists = [
         key
-        for queue in pools[args.pool]["queues"]
+        for queue in settings.pool(args.pool).queues
         for key in queue_keys(queue, options["priority_steps"], options["sep"])
     ]
 
@@ -135,7 +136,7 @@ def check_worker(args: argparse.Namespace) -> int:
     # a batch through a Postgres outage starts nothing in between, and is not stuck.
     stall_after = args.stall_after
     if stall_after is None:
-        stall_after = 2 * float(app.conf.conveyor_retry_cap_s) + 60
+        stall_after = 2 * settings.core().retry_cap_s + 60
     started = sum((stats.get("total") or {}).values())
     slots = int((stats.get("pool") or {}).get("max-concurrency") or 1)
     state_file = Path(args.state_dir) / f"conveyor-health-{node.replace('@', '_')}.json"

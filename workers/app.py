@@ -1,14 +1,20 @@
-"""The Celery app every worker, beat and Flower process runs."""
+"""The Celery app every worker, beat and Flower process runs.
+
+``celery -A workers.app worker`` loads every task module; ``conveyor worker POOL`` narrows
+``include`` to that pool's modules before the worker starts (``workers.pools``).
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 from celery.signals import worker_process_init
 
-#: Task modules the workers import; one per job family.
-TASK_MODULES = ("tasks.maintenance", "tasks.ai", "tasks.n8n", "tasks.episodes")
+from workers.pools import ALL_TASK_MODULES
 
-app = Celery("conveyor", include=TASK_MODULES)
+#: Task modules a worker imports when no pool narrows them (kept for tests and tools).
+TASK_MODULES = ALL_TASK_MODULES
+
+app = Celery("conveyor", include=ALL_TASK_MODULES)
 app.config_from_object("celeryconfig")
 
 

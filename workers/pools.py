@@ -1,66 +1,49 @@
-"""The named worker pools and the ``celery worker`` command line that starts each.
-
-The numbers live in ``celeryconfig.conveyor_pools`` (overridable from the environment); this
-module turns one entry into arguments for Celery's worker.
+"""The named worker pools: the task modules each loads, and the ``celery worker`` command line
+that starts it. The numbers are ``workers.settings.pool``'s (overridable from the environment).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from conveyor.names import AI, EPISODES, MAINTENANCE, N8N, QUEUES
+from workers.settings import PoolSettings
 
-from workers.app import app
+#: Task modules each pool's workers import: a worker loads only what its pool runs, so one
+#: family's code or configuration can never stop another family's workers.
+POOL_TASK_MODULES: dict[str, tuple[str, ...]] = {
+    AI: ("tasks.ai",),
+    N8N: ("tasks.n8n",),
+    EPISODES: ("tasks.episodes",),
+    MAINTENANCE: ("tasks.maintenance",),
+}
 
-
-@dataclass(frozen=True)
-class PoolSpec:
-    name: str
-    queues: tuple[str, ...]
-    #: Celery pool implementation: threads, prefork, solo or gevent.
-    pool: str
-    concurrency: int
-    prefetch_multiplier: int
-    #: Seconds; enforced by prefork and solo only.
-    soft_time_limit: int
-    time_limit: int
-    max_tasks_per_child: int | None = None
-
-    def worker_argv(self, *, hostname: str | None = None) -> list[str]:
-        argv = [
-            "worker",
-            f"--queues={','.join(self.queues)}",
-            f"--pool={self.pool}",
-            f"--concurrency={self.concurrency}",
-            f"--prefetch-multiplier={self.prefetch_multiplier}",
-            f"--hostname={hostname or self.name + '@%h'}",
-            "--task-events",
-            # Gossip and mingle cost Redis traffic at every start and buy us nothing: workers
-            # share no state through them.
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        if self.pool in ("prefork", "solo"):
-            argv += [f"--soft-time-limit={self.soft_time_limit}", f"--time-limit={self.time_limit}"]
-        if self.max_tasks_per_child and self.pool == "prefork":
-            argv.append(f"--max-tasks-per-child={self.max_tasks_per_child}")
-        return argv
+#: Every task module: what ``celery -A workers.app worker`` (no pool named) loads.
+ALL_TASK_MODULES: tuple[str, ...] = tuple(m for name in QUEUES for m in POOL_TASK_MODULES[name])
 
 
 def pool_names() -> list[str]:
-    return list(app.conf.conveyor_pools)
+    return list(QUEUES)
 
 
-def pool_spec(name: str) -> PoolSpec:
-    pools = app.conf.conveyor_pools
-    if name not in pools:
-        raise KeyError(f"unknown pool {name!r}; pools: {', '.join(pools)}")
-    entry = pools[name]
-    return PoolSpec(
-        name=name,
-        queues=tuple(entry["queues"]),
-        pool=entry["pool"],
-        concurrency=entry["concurrency"],
-        prefetch_multiplier=entry["prefetch_multiplier"],
-        soft_time_limit=entry["soft_time_limit"],
-        time_limit=entry["time_limit"],
-        max_tasks_per_child=entry.get("max_tasks_per_child"),
-    )
+def worker_argv(spec: PoolSettings, *, hostname: str | None = None) -> list[str]:
+    """Arguments for Celery's ``worker`` command that run pool ``spec``."""
+    argv = [
+        "worker",
+        f"--queues={','.join(spec.queues)}",
+        f"--pool={spec.pool}",
+        f"--concurrency={spec.concurrency}",
+        f"--prefetch-multiplier={spec.prefetch_multiplier}",
+        f"--hostname={hostname or spec.name + '@%h'}",
+        "--task-events",
+        # Gossip and mingle cost Redis traffic at every start and buy us nothing: workers
+        # share no state through them.
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if spec.pool in ("prefork", "solo"):
+        argv += [
+            f"--soft-time-limit={spec.soft_time_limit_s}",
+            f"--time-limit={spec.time_limit_s}",
+        ]
+    if spec.max_tasks_per_child and spec.pool == "prefork":
+        argv.append(f"--max-tasks-per-child={spec.max_tasks_per_child}")
+    return argv

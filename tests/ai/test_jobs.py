@@ -246,7 +246,7 @@ def test_episodes_of_jobs_ending_together_share_a_message_and_land_once(
 ):
     from sqlalchemy import text
 
-    from conveyor.submitter import PACK_HEADER
+    from conveyor.messages import PACK_HEADER
 
     llm.default = Reply.ok("the same answer", chunk_delay_s=0.05)
     jobs = submitter.submit_many("ai.generate", [{"prompt": f"p{i}"} for i in range(8)])

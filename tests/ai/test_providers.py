@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from conveyor.settings import ConfigError
+from conveyor.errors import ConfigError
 from tests.fakes import llm_server as fake_llm
 from tests.fakes.llm_server import FakeLLMServer, Reply
 from workers.ai.providers import (

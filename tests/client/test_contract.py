@@ -1,6 +1,7 @@
 """The public surface, pinned: renaming a task, moving it to another queue or changing the
 schedule must be a conscious act that shows up here (and in DESIGN.md and README.md)."""
 
+import json
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import celeryconfig
 from conveyor.names import QUEUES, TASK_QUEUES
 from conveyor.schemas import SCHEMAS
 from tests.payloads import VALID
+from workers import settings
 
 
 def test_public_task_names_and_queues():
@@ -49,7 +51,7 @@ def test_json_only_and_delivery_guarantees_configured():
     assert celeryconfig.task_acks_late is True
     assert celeryconfig.task_reject_on_worker_lost is True
     assert celeryconfig.task_create_missing_queues is False
-    longest = max(p["time_limit"] for p in celeryconfig.conveyor_pools.values())
+    longest = max(p.time_limit_s for p in settings.pools().values())
     assert celeryconfig.broker_transport_options["visibility_timeout"] > longest
     assert (
         celeryconfig.result_backend_transport_options["visibility_timeout"]
@@ -60,8 +62,29 @@ def test_json_only_and_delivery_guarantees_configured():
 def test_the_client_library_never_imports_tasks_or_workers():
     code = (
         "import sys, conveyor; from conveyor import Submitter; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tasks', 'workers')); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tasks', 'workers', 'celeryconfig', 'beat_schedule')); "
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_registered_tasks_are_the_public_task_table_and_each_pool_loads_only_its_own():
+    """What the workers register is what the contract says, pool by pool: a pool's worker
+    loads only its own task modules, which register exactly the tasks routed to its queue."""
+    code = (
+        "import json; from workers.app import app; from workers.pools import POOL_TASK_MODULES; "
+        "import importlib; out = {}\n"
+        "for pool, modules in POOL_TASK_MODULES.items():\n"
+        "    before = set(app.tasks)\n"
+        "    [importlib.import_module(m) for m in modules]\n"
+        "    out[pool] = sorted(set(app.tasks) - before)\n"
+        "print(json.dumps(out))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    registered = json.loads(out.stdout)
+    public = {n for n in registered for n in registered[n] if not n.startswith("celery.")}
+    assert public == set(TASK_QUEUES)
+    for pool, names in registered.items():
+        assert {TASK_QUEUES[n] for n in names if n in TASK_QUEUES} == {pool}

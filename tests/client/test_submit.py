@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conveyor import PayloadError, UnknownTaskError
+from conveyor.messages import PACK_HEADER
 from conveyor.names import QUEUES, TASK_QUEUES
-from conveyor.submitter import PACK_HEADER
 from tests.payloads import VALID
 from tests.support.queues import messages, purge
 

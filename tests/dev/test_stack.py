@@ -107,3 +107,66 @@ def test_dev_stack_runs_a_first_job_serves_submit_and_flower_and_stops_clean(tmp
     assert leftovers == [], f"stray processes: {leftovers}"
     assert not (home / "dev.env").exists()
     print(f"dev stack: command to first job {first_job_s:.1f}s")
+
+
+def test_a_pool_that_cannot_start_is_named_and_the_rest_run(tmp_path):
+    """A malformed n8n setting: `conveyor dev` says which process failed and why, does not
+    restart it in a loop, and runs the first job on the pools that did start. A shell in any
+    directory under the project finds the stack (no CONVEYOR_HOME: the nearest .conveyor)."""
+    project = tmp_path / "project"
+    deep = project / "src" / "deep"
+    deep.mkdir(parents=True)
+    env = _fresh_env(project / ".conveyor")
+    del env["CONVEYOR_HOME"]
+    env["N8N_WORKFLOWS"] = "{not json"
+    out_path = tmp_path / "dev.out"
+    with open(out_path, "wb") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "dev", f"--flower-port={free_port()}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=project,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: "command to first job done" in out_path.read_text(),
+            timeout=120,
+            interval=0.25,
+            what="first job of the dev stack",
+        )
+        submit = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "submit", "maintenance.ping", "--wait"],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in env.items() if k != "N8N_WORKFLOWS"},
+            cwd=deep,
+            timeout=60,
+        )
+        assert submit.returncode == 0, submit.stderr
+        assert "default broker" not in submit.stderr
+        output = out_path.read_text()
+        assert "worker-n8n FAILED to start" in output and "N8N_WORKFLOWS" in output
+        assert "all worker pools ready" not in output
+        assert "worker-n8n restarted" not in output
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        code = dev.wait(60)
+    assert code == 0, out_path.read_text()[-3000:]
+
+
+def test_submit_says_where_it_sends_when_nothing_is_configured(tmp_path):
+    env = _fresh_env(tmp_path / "nowhere")
+    del env["CONVEYOR_HOME"]
+    result = subprocess.run(  # a bad payload: refused before anything is sent anywhere
+        [sys.executable, "-m", "workers.cli", "submit", "maintenance.ping", "--data", "[]"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no REDIS_URL set and no running `conveyor dev` found" in result.stderr
+    assert "redis://127.0.0.1:6379/0" in result.stderr

@@ -16,8 +16,8 @@ import psycopg2
 import pytest
 from sqlalchemy import text
 
-import celeryconfig
-from conveyor.submitter import PACK_HEADER
+from conveyor.config import ClientConfig
+from conveyor.messages import PACK_HEADER
 from tests.episodes.test_workers import (
     _already_there,
     _episode,
@@ -32,7 +32,7 @@ from tests.support.workers import FAST_REDELIVERY
 from workers.store import dead_letters
 
 QUEUE = "episodes"
-PACK = celeryconfig.conveyor_episodes_pack
+PACK = ClientConfig.from_env().episodes_pack
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conveyor.settings import ConfigError
+from conveyor.errors import ConfigError
 from tests.fakes import n8n_server as fake_n8n
 from tests.fakes.n8n_server import TEST_API_KEY, FakeN8n
 from workers.failures import Permanent, Retryable

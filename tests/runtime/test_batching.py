@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 
-from conveyor.submitter import PACK_HEADER
+from conveyor.messages import PACK_HEADER
 from tests.support.waiting import wait_for
 from workers.runtime import connections
 from workers.runtime.batching import BatchContext, Item, Verdict, batch_job
@@ -125,7 +125,11 @@ def test_a_prefetch_that_cannot_hold_a_batch_is_refused_at_start():
         "CONVEYOR_EPISODES_CONCURRENCY": "2",
     }
     result = subprocess.run(
-        [sys.executable, "-c", "import celeryconfig"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "workers.cli", "worker", "episodes"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
-    assert result.returncode != 0 and "ConfigError" in result.stderr
+    assert result.returncode == 78, result.stderr
     assert "must be at least CONVEYOR_EPISODES_BATCH_SIZE (600)" in result.stderr

@@ -43,8 +43,11 @@ def test_pickled_message_is_refused_and_dead_lettered(workers, submitter, engine
     assert row["reason"] == "refused"
     assert row["payload"]["content_type"] == "application/x-python-serialize"
     assert "refused" in row["error"]
-    assert submitter.job(pickled_id).status() == "PENDING"  # it never ran
-    assert _events(redis_client, pickled_id) == []
+    # It never ran, and a caller waiting on it learns at once that it never will.
+    envelope = submitter.job(pickled_id).result(timeout=10)
+    assert envelope["success"] is False and "refused" in envelope["error"]
+    events = _events(redis_client, pickled_id)
+    assert [(e["event"], e["data"]["reason"]) for e in events] == [("maintenance_error", "refused")]
 
 
 def test_payload_invalid_on_receipt_is_poison_not_retried(workers, submitter, engine, redis_client):

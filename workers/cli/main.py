@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from conveyor.config import Env
+from conveyor.errors import ConfigError
 
 #: Exit codes of ``conveyor submit``, so scripts can tell outcomes apart.
 EXIT_OK = 0
@@ -26,6 +28,9 @@ EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TIMEOUT = 3
 EXIT_UNAVAILABLE = 4
+#: ``conveyor worker|beat|flower|migrate`` on a malformed setting (EX_CONFIG, sysexits.h): the
+#: dev stack's supervisor does not restart a process that exits with it.
+EXIT_CONFIG = 78
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,8 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("worker", "beat", "flower"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command != "dev":
+        # A shell with nothing configured talks to the running `conveyor dev` stack, found from
+        # any directory inside the project (or through CONVEYOR_HOME).
+        from workers.dev.env import use_running_stack
+
+        use_running_stack()
     try:
         return int(args.handler(args, rest) or 0)
+    except ConfigError as exc:
+        print(f"conveyor {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if args.command in ("worker", "beat", "flower") else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
 
@@ -58,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     beat.set_defaults(handler=_beat)
 
     flower = commands.add_parser("flower", help="start Flower (extra args go to flower)")
-    flower.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT", "5555")))
-    flower.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS", "127.0.0.1"))
+    flower.add_argument("--port", type=int, default=Env().integer("FLOWER_PORT", 5555, minimum=1))
+    flower.add_argument("--address", default=Env().text("FLOWER_ADDRESS", "127.0.0.1"))
     flower.set_defaults(handler=_flower)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -103,31 +117,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _worker(args: argparse.Namespace, rest: list[str]) -> int:
-    from workers.app import app
-    from workers.pools import pool_spec
+    """One pool's worker, loading only that pool's task modules, after reading every setting
+    it needs: a malformed one stops it here, in one line naming the variable."""
+    from workers import settings
+    from workers.pools import POOL_TASK_MODULES, worker_argv
 
-    try:
-        spec = pool_spec(args.pool)
-    except KeyError as exc:
-        print(f"conveyor worker: {exc.args[0]}", file=sys.stderr)
+    if args.pool not in POOL_TASK_MODULES:
+        print(
+            f"conveyor worker: unknown pool {args.pool!r}; pools: {', '.join(POOL_TASK_MODULES)}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
-    app.worker_main([*spec.worker_argv(), *rest])
+    spec = settings.check_pool(args.pool)
+    settings.set_current_pool(args.pool)
+    from workers.app import app
+
+    app.conf.include = POOL_TASK_MODULES[args.pool]
+    app.worker_main([*worker_argv(spec), *rest])
     return 0
 
 
 def _beat(args: argparse.Namespace, rest: list[str]) -> int:
     from workers.app import app
 
+    app.conf.include = ()  # beat sends by name: it needs no task code
     app.start(["beat", "--loglevel=INFO", *rest])
     return 0
 
 
 def _flower(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers import settings
     from workers.app import app
 
     flower_args = [f"--port={args.port}", f"--address={args.address}"]
-    has_auth = os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH")
-    if app.conf.conveyor_env != "dev" and not has_auth:
+    env = Env()
+    has_auth = env.is_set("FLOWER_BASIC_AUTH") or env.is_set("FLOWER_AUTH")
+    if settings.core().env != "dev" and not has_auth:
         print(
             "conveyor flower: set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH with an "
             "OAuth provider) outside dev mode (CONVEYOR_ENV=dev)",
@@ -135,15 +160,17 @@ def _flower(args: argparse.Namespace, rest: list[str]) -> int:
         )
         return EXIT_BAD_INPUT
     if not has_auth:  # dev mode, bound to localhost: let dashboards and tests use the API
-        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+        settings.allow_unauthenticated_flower_api()
+    app.conf.include = ()  # Flower reads task events: it needs no task code
     app.start(["flower", *flower_args, *rest])
     return 0
 
 
 def _migrate(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers import settings
     from workers.store.migrate import upgrade
 
-    upgrade(os.environ.get("DATABASE_URL"), args.revision)
+    upgrade(settings.core().database_url, args.revision)
     print(f"database at {args.revision}")
     return 0
 
@@ -155,14 +182,14 @@ def _dev(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _submit(args: argparse.Namespace, rest: list[str]) -> int:
-    from conveyor import ConveyorError, PayloadError, Submitter, UnknownTaskError
+    from conveyor import ConveyorError, PayloadError, UnknownTaskError
 
     try:
         payload = _read_payload(args.data)
     except ValueError as exc:
         print(f"conveyor submit: --data is not valid JSON: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    submitter = Submitter()
+    submitter = _submitter()
     try:
         job = submitter.submit(
             args.task,
@@ -194,9 +221,7 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
-    from conveyor import Submitter
-
-    Submitter().cancel(args.job_id)
+    _submitter().cancel(args.job_id)
     print(f"cancel requested for {args.job_id}")
     return EXIT_OK
 
@@ -231,6 +256,22 @@ def _episodes(args: argparse.Namespace, rest: list[str]) -> int:
     if cursor is not None:
         print(json.dumps({"next_cursor": cursor}), file=sys.stderr)
     return EXIT_OK
+
+
+def _submitter() -> Any:
+    """A ``Submitter`` from the environment; says on stderr where it submits when nothing
+    configured a broker and no dev stack was found (the default may be another Redis)."""
+    from conveyor import Submitter
+    from conveyor.config import ClientConfig, redact_url
+
+    config = ClientConfig.from_env()
+    if not config.configured:
+        print(
+            f"conveyor: no REDIS_URL set and no running `conveyor dev` found; using the "
+            f"default broker {redact_url(config.broker_url)}",
+            file=sys.stderr,
+        )
+    return Submitter(config)
 
 
 def _read_payload(data: str) -> Any:

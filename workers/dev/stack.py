@@ -8,14 +8,15 @@ Ctrl-C or SIGTERM, when it stops every process it started.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conveyor.settings import conveyor_home, dev_env_path
+from conveyor.config import Env
+from conveyor.names import MAINTENANCE
+from workers.dev.env import child_environment, conveyor_home, dev_env_path, write_dev_env
 
 _PREFERRED_REDIS_PORT = 16379
 _PREFERRED_FLOWER_PORT = 5555
@@ -51,13 +52,14 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
     servers: list[Any] = []
     supervisor = Supervisor(report=say)
     try:
-        redis_url = os.environ.get("REDIS_URL")
+        env = Env()
+        redis_url = env.text("REDIS_URL")
         if not redis_url:
             embedded_redis = EmbeddedRedis(home / "valkey", port=_PREFERRED_REDIS_PORT)
             servers.append(embedded_redis)
             redis_url = embedded_redis.start()
             say(f"embedded Valkey at {redis_url} (data in {home / 'valkey'})")
-        database_url = os.environ.get("DATABASE_URL")
+        database_url = env.text("DATABASE_URL")
         if not database_url:
             embedded_pg = EmbeddedPostgres(home / "postgres")
             servers.append(embedded_pg)
@@ -65,9 +67,8 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
             database_url = embedded_pg.create_database("conveyor")
             say(f"embedded PostgreSQL at {database_url}")
 
-        env = {**_DEV_DEFAULTS, **os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url}
-        os.environ.update(env)
-        _write_dev_env(redis_url, database_url)
+        child_env = child_environment(_DEV_DEFAULTS, REDIS_URL=redis_url, DATABASE_URL=database_url)
+        write_dev_env(redis_url, database_url)
 
         from workers.store.migrate import upgrade
 
@@ -83,23 +84,25 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
                 f"worker-{pool}",
                 [*python, "worker", pool, "--loglevel=INFO"],
                 log_path=logs / f"worker-{pool}.log",
-                env=env,
+                env=child_env,
             )
-        supervisor.add("beat", [*python, "beat"], log_path=logs / "beat.log", env=env)
+        supervisor.add("beat", [*python, "beat"], log_path=logs / "beat.log", env=child_env)
         flower_port = free_port(flower_port)
         supervisor.add(
             "flower",
             [*python, "flower", f"--port={flower_port}"],
             log_path=logs / "flower.log",
-            env=env,
+            env=child_env,
         )
         say(f"started {len(supervisor.children)} processes; logs in {logs}")
-        _wait_for_workers(supervisor, logs, timeout_s=90)
+        ready = _wait_for_workers(supervisor, logs, timeout_s=90)
         say(
             f"Flower: http://127.0.0.1:{flower_port}  (dev mode: no authentication, localhost only)"
         )
-        if demo:
+        if demo and MAINTENANCE in ready:
             _first_job(started)
+        elif demo:
+            say("the maintenance pool is not running: no first job")
         say(
             f"in another shell: conveyor submit maintenance.ping --wait   "
             f"(it finds this stack through {dev_env_path()})"
@@ -124,31 +127,31 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
         say("stopped")
 
 
-def _write_dev_env(redis_url: str, database_url: str) -> None:
-    path = dev_env_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Written by `conveyor dev` while it runs: `source` it to reach the dev stack.\n"
-        f"export REDIS_URL='{redis_url}'\nexport DATABASE_URL='{database_url}'\n",
-        encoding="utf-8",
-    )
-
-
-def _wait_for_workers(supervisor: Any, logs: Path, *, timeout_s: float) -> None:
-    """Until every worker says it is ready (it consumes from then on)."""
-    pending = {c.name for c in supervisor.children if c.name.startswith("worker-")}
+def _wait_for_workers(supervisor: Any, logs: Path, *, timeout_s: float) -> list[str]:
+    """Until every worker says it is ready (it consumes from then on) or cannot start; the
+    pools that are ready."""
+    workers = [c for c in supervisor.children if c.name.startswith("worker-")]
+    pending = {c.name for c in workers}
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
         supervisor.check()
-        for name in list(pending):
-            log = logs / f"{name}.log"
-            if log.exists() and " ready." in log.read_text(errors="replace"):
-                pending.discard(name)
+        for child in workers:
+            if child.name not in pending:
+                continue
+            if child.failed is not None or " ready." in child.log_text():
+                pending.discard(child.name)
         time.sleep(0.2)
+    failed = [c for c in workers if c.failed is not None]
+    ready = [c.name for c in workers if c.failed is None and c.name not in pending]
     if pending:
         say(f"still waiting for {', '.join(sorted(pending))}: see their logs in {logs}")
-    else:
+    for child in failed:
+        say(f"{child.name} FAILED to start: {child.failed}")
+    if not pending and not failed:
         say("all worker pools ready")
+    elif ready:
+        say(f"ready: {', '.join(sorted(ready))}")
+    return [name.removeprefix("worker-") for name in ready]
 
 
 def _first_job(started: float) -> None:

@@ -21,6 +21,9 @@ _FIRST_BACKOFF_S = 1.0
 _MAX_BACKOFF_S = 30.0
 #: A child that ran this long before dying is healthy again: its backoff starts over.
 _HEALTHY_AFTER_S = 60.0
+#: A child that exits with this code (EX_CONFIG, ``conveyor worker|beat|flower`` on a malformed
+#: setting) is not restarted: it would fail the same way until its setting is fixed.
+EXIT_CONFIG = 78
 
 
 @dataclass
@@ -34,9 +37,14 @@ class Child:
     restarts: int = 0
     backoff_s: float = _FIRST_BACKOFF_S
     restart_at: float | None = None
+    #: Where this run's lines start in its log (earlier runs' lines come before).
+    log_offset: int = 0
+    #: Why it cannot start, when it exited with ``EXIT_CONFIG``; it is not restarted.
+    failed: str | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 list(self.argv),
@@ -52,6 +60,15 @@ class Child:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    def log_text(self) -> str:
+        """What this run wrote to its log so far."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -77,10 +94,18 @@ class Supervisor:
         """Restart children that exited, with backoff; call this every fraction of a second."""
         now = time.monotonic()
         for child in self.children:
-            if child.running():
+            if child.running() or child.failed is not None:
                 continue
             if child.restart_at is None:
                 code = child.process.returncode if child.process else None
+                if code == EXIT_CONFIG:
+                    lines = child.log_text().strip().splitlines()
+                    child.failed = lines[-1] if lines else f"exited with code {code}"
+                    self._report(
+                        f"{child.name} cannot start: {child.failed} (not restarted: fix the "
+                        f"setting and start again; log: {child.log_path})"
+                    )
+                    continue
                 if now - child.started_at > _HEALTHY_AFTER_S:
                     child.backoff_s = _FIRST_BACKOFF_S
                 child.signal_group(signal.SIGKILL)  # anything it left behind

@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conveyor.names import queue_for
+from conveyor.messages import message_for
 from conveyor.schemas.episodes import EpisodePayload
-from conveyor.submitter import message_for
-from workers.app import app
+from workers import settings
 from workers.failures import Retryable
+from workers.runtime import sending
 
 #: Seconds a job waits at most for the message holding its episode to be sent (a send is
 #: bounded by the broker's own timeouts; this is a safety net).
@@ -60,8 +60,7 @@ def log_episode(job_id: str, *, together: bool = False, **fields: Any) -> str:
 
 def send_episodes(records: list[Record]) -> None:
     """One ``episodes.record`` message: a plain one for one record, else a pack."""
-    queue = queue_for("episodes.record")
-    app.send_task("episodes.record", queue=queue, routing_key=queue, **message_for(records))
+    sending.send("episodes.record", message_for(records))
 
 
 class EpisodeNotSent(Retryable):
@@ -127,9 +126,7 @@ class EpisodeOutbox:
 
 @functools.cache
 def outbox() -> EpisodeOutbox:
-    conf = app.conf
+    ai = settings.ai()
     return EpisodeOutbox(
-        send_episodes,
-        window_s=conf.conveyor_episode_outbox_ms / 1000,
-        max_records=conf.conveyor_episodes_pack,
+        send_episodes, window_s=ai.episode_outbox_ms / 1000, max_records=ai.episodes_pack
     )

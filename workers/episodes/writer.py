@@ -16,8 +16,9 @@ from typing import Any
 import psycopg2
 
 from conveyor.errors import PayloadError
+from conveyor.names import EPISODES
 from conveyor.schemas import validate_payload
-from workers.app import app
+from workers import settings
 from workers.episodes.outbox import episode_id_for
 from workers.failures import Retryable, classify
 from workers.runtime import connections
@@ -34,7 +35,7 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
     message writes nothing twice. A payload that fails its schema is poison; a row Postgres
     refuses for its own values is permanent: both are dead-lettered, the rest is written.
     """
-    max_bytes = app.conf.conveyor_max_payload_bytes
+    max_bytes = settings.core().max_payload_bytes
     retry: list[int] = []
     rows: list[tuple[Any, ...]] = []
     where: list[int] = []
@@ -110,7 +111,7 @@ class _Connection:
                 dbapi.autocommit = True
                 with dbapi.cursor() as cur:
                     # A hung statement fails (and is retried) well before the soft time limit.
-                    soft_s = app.conf.conveyor_pools["episodes"]["soft_time_limit"]
+                    soft_s = settings.pool(EPISODES).soft_time_limit_s
                     cur.execute("SET statement_timeout = %s", (int(soft_s * 500),))
             except Exception:
                 with suppress(Exception):

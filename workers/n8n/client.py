@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from random import Random
 from typing import Any, Literal, get_args
@@ -42,7 +41,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 from urllib3.exceptions import ProxyError as _Urllib3ProxyError
 
-from conveyor.settings import ConfigError
+from conveyor.config import Env, redact_url
+from conveyor.errors import ConfigError
 from workers.failures import Permanent, Retryable, compute_backoff
 
 ExecutionStatus = Literal[
@@ -68,7 +68,11 @@ EXECUTION_ID_KEYS: tuple[str, ...] = ("executionId", "execution_id")
 #: refused, so a job can never aim the worker at another host or another n8n endpoint.
 _PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*(/[A-Za-z0-9._~:-]+)*")
 _EXECUTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_HEADER_VALUE = re.compile(r"[!-~]{1,200}")  # visible ASCII: nothing that can split a header
+#: A header value we send: visible ASCII only, so nothing can split a header. n8n 2.x API keys
+#: are JWTs (~270 characters; n8n stores them in a plain text column, no length limit) and
+#: legacy ones are 88: 4096 is ~15 times a real key, under nginx's default 8 KiB header line
+#: and Node's 16 KiB of headers in all.
+_HEADER_VALUE = re.compile(r"[!-~]{1,4096}")
 
 #: n8n's answers when a webhook's workflow ran (webhook-helpers.ts): retrying would run it again.
 _WORKFLOW_FAILED_MESSAGE = "Error in workflow"
@@ -319,8 +323,29 @@ def parse_execution(doc: Mapping[str, Any]) -> Execution:
     )
 
 
-def n8n_from_env(environ: Mapping[str, str] | None = None) -> N8nClient | None:
-    """The client configured by the environment, or ``None`` when ``N8N_BASE_URL`` is unset.
+@dataclass(frozen=True)
+class N8nConfig:
+    """The n8n instance a worker talks to, as configured (never shown: ``__repr__`` hides the
+    key, since Flower and logs may print settings)."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    workflow_paths: Mapping[str, str] = field(default_factory=dict)
+
+    def client(self) -> N8nClient:
+        return N8nClient(
+            self.base_url,
+            self.api_key,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            workflow_paths=self.workflow_paths,
+        )
+
+
+def n8n_config_from_env(environ: Env | Mapping[str, str] | None = None) -> N8nConfig | None:
+    """The instance configured by the environment, or ``None`` when ``N8N_BASE_URL`` is unset.
 
     ``N8N_BASE_URL`` n8n's root URL (with its ``N8N_PATH`` prefix if any);
     ``N8N_API_KEY`` the public API key (needed to follow async runs; never logged or shown);
@@ -329,26 +354,38 @@ def n8n_from_env(environ: Mapping[str, str] | None = None) -> N8nClient | None:
     ``N8N_READ_TIMEOUT`` seconds to wait for an answer (default 60: a synchronous workflow's
     whole run, under the n8n pool's soft time limit of 96 s).
     """
-    env = os.environ if environ is None else environ
-    base_url = _env(env, "N8N_BASE_URL")
+    env = environ if isinstance(environ, Env) else Env(environ)
+    # Every setting is checked even when N8N_BASE_URL is unset: a typo found at start, not on
+    # the day the URL is added.
+    workflow_paths = _env_workflows(env)
+    connect_timeout_s = env.seconds("N8N_CONNECT_TIMEOUT", 5.0)
+    read_timeout_s = env.seconds("N8N_READ_TIMEOUT", 60.0)
+    api_key = env.raw("N8N_API_KEY")
+    if api_key is not None and not _HEADER_VALUE.fullmatch(api_key):
+        raise ConfigError(
+            "N8N_API_KEY is malformed (spaces, control or non-ASCII characters, or over "
+            "4096 characters); value not shown"
+        )
+    base_url = env.raw("N8N_BASE_URL")
     if base_url is None:
         return None
     try:
         _check_base_url(base_url)
     except ValueError as exc:
-        raise ConfigError(f"N8N_BASE_URL={base_url!r}: {exc}") from None
-    api_key = _env(env, "N8N_API_KEY")
-    if api_key is not None and not _HEADER_VALUE.fullmatch(api_key):
-        raise ConfigError(
-            "N8N_API_KEY is malformed (spaces or control characters); value not shown"
-        )
-    return N8nClient(
-        base_url,
-        api_key,
-        connect_timeout_s=_env_seconds(env, "N8N_CONNECT_TIMEOUT", 5.0),
-        read_timeout_s=_env_seconds(env, "N8N_READ_TIMEOUT", 60.0),
-        workflow_paths=_env_workflows(env),
+        raise ConfigError(f"N8N_BASE_URL={redact_url(base_url)!r}: {exc}") from None
+    return N8nConfig(
+        base_url=base_url,
+        api_key=api_key,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=read_timeout_s,
+        workflow_paths=workflow_paths,
     )
+
+
+def n8n_from_env(environ: Mapping[str, str] | None = None) -> N8nClient | None:
+    """A client for the instance the environment configures (``n8n_config_from_env``)."""
+    config = n8n_config_from_env(environ)
+    return config.client() if config else None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -538,32 +575,10 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
-def _env(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    return value.strip() if value and value.strip() else None
-
-
-def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _env(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds")
-    return value
-
-
-def _env_workflows(env: Mapping[str, str]) -> dict[str, str]:
-    raw = _env(env, "N8N_WORKFLOWS")
-    if raw is None:
+def _env_workflows(env: Env) -> dict[str, str]:
+    mapping = env.json("N8N_WORKFLOWS")
+    if mapping is None:
         return {}
-    try:
-        mapping = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"N8N_WORKFLOWS is not valid JSON: {exc}") from None
     if not isinstance(mapping, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
     ):

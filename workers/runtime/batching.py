@@ -7,7 +7,7 @@ buffer and hands the pool a batch when it holds ``size`` of them or when the old
 ``flush`` ms. In the pool process the function validates, writes and returns a ``Verdict``;
 back in the consumer each settled message is acknowledged and the rest wait and go again.
 
-A message may carry many records (``conveyor.submitter.PACK_HEADER``: the args are the records,
+A message may carry many records (``conveyor.messages.PACK_HEADER``: the args are the records,
 that header their job ids, in order). The consumer expands it into one ``Item`` per record, each
 with its own job id, so everything below holds per record; ``size`` counts records, and the
 message is acknowledged once all of its records are settled (written, already there, or
@@ -63,20 +63,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Task, states
+from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual_base
 
 from conveyor.envelopes import FAMILIES
-from conveyor.errors import JobFailed
-from conveyor.submitter import PACK_HEADER
+from conveyor.messages import PACK_HEADER
+from workers import settings
 from workers.app import app
 from workers.failures import Retryable, classify, compute_backoff
-from workers.runtime import connections
-from workers.runtime.job import JobContext, publisher
-from workers.store import dead_letters
+from workers.runtime import outcome
 
 log = logging.getLogger(__name__)
 
@@ -112,38 +110,18 @@ class BatchContext:
         self.family = family
 
     def fail(self, item: Item, reason: str, error: str, *, attempts: int = 1) -> None:
-        """Settle ``item`` as failed for good: a row in ``dead_letters`` (spilled to Redis while
-        Postgres is down), one ``*_error`` event on its job's stream and a failed result for a
-        caller waiting on it. Raises only when neither Postgres nor Redis took the dead letter."""
-        log.error(
-            "job %s (%s) failed for good (%s): %s", item.job_id, self.task_name, reason, error
+        """Settle ``item`` as failed for good (``runtime.outcome.fail``): its dead letter, its
+        ``*_error`` event and a failed result for a caller waiting on it. Raises only when
+        neither Postgres nor Redis took the dead letter."""
+        outcome.fail(
+            item.job_id,
+            self.task_name,
+            item.payload,
+            outcome.Ending(reason, error, attempts),
+            queue=item.queue,
+            family=self.family,
+            store_result=True,
         )
-        row = {
-            "job_id": item.job_id,
-            "task": self.task_name,
-            "queue": item.queue,
-            "payload": item.payload,
-            "reason": reason,
-            "error": error,
-            "attempts": attempts,
-        }
-        dead_letters.record(connections.engine(), connections.redis_client(), row)
-        component, prefix = FAMILIES[self.family]
-        ctx = JobContext(
-            job_id=item.job_id,
-            task_name=self.task_name,
-            attempt=attempts - 1,
-            component=component,
-            event_prefix=prefix,
-            publisher=publisher(),
-        )
-        ctx.emit_quietly(
-            "error", {"error": error, "reason": reason, "attempts": attempts}, type="error"
-        )
-        try:
-            app.backend.store_result(item.job_id, JobFailed(error), states.FAILURE)
-        except Exception:
-            log.exception("could not store the failed result of job %s", item.job_id)
 
 
 BatchFunction = Callable[[BatchContext, list[Item]], Verdict]
@@ -163,21 +141,21 @@ class BatchTask(Task):
     # A success leaves no result (see the module's docs); failures store theirs.
     ignore_result = True
     typing = False
-    #: ``app.conf`` settings: records a batch, and ms a part-filled batch may wait.
-    batch_size_setting = "conveyor_episodes_batch_size"
-    batch_flush_setting = "conveyor_episodes_flush_ms"
+    #: Records a batch, and ms a part-filled batch may wait (``workers.settings.episodes``).
+    batch_size: Callable[[], int] = staticmethod(lambda: settings.episodes().batch_size)
+    batch_flush_ms: Callable[[], int] = staticmethod(lambda: settings.episodes().flush_ms)
 
     def Strategy(self, task: BatchTask, app: Any, consumer: Any) -> Callable[..., None]:
         """Celery asks each task for the handler of its messages: ours buffers them."""
-        conf = app.conf
+        core = settings.core()
         batcher = Batcher(
             task.name,
             consumer,
-            size=getattr(conf, task.batch_size_setting),
-            flush_s=getattr(conf, task.batch_flush_setting) / 1000,
-            max_crashes=conf.conveyor_max_deliveries,
-            retry_base_s=conf.conveyor_retry_base_s,
-            retry_cap_s=min(conf.conveyor_retry_cap_s, _RETRY_CAP_S),
+            size=task.batch_size(),
+            flush_s=task.batch_flush_ms() / 1000,
+            max_crashes=core.max_deliveries,
+            retry_base_s=core.retry_base_s,
+            retry_cap_s=min(core.retry_cap_s, _RETRY_CAP_S),
         )
         return batcher.on_message
 

@@ -11,12 +11,12 @@ import functools
 import redis
 from sqlalchemy import Engine, create_engine
 
-from workers.app import app
+from workers import settings
 
 
 def database_url(url: str | None = None) -> str:
     """A SQLAlchemy URL for psycopg2, whichever spelling of Postgres URL was configured."""
-    url = url or app.conf.conveyor_database_url
+    url = url or settings.core().database_url
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix) :]
@@ -28,9 +28,10 @@ def redis_client() -> redis.Redis:
     # Every thread of a threads pool may hold a connection at once (events, breakers, cancel
     # keys): the pool must be larger than the biggest pool's concurrency, and a thread that
     # still finds it empty waits for one instead of failing ("Too many connections").
-    slots = max(p["concurrency"] for p in app.conf.conveyor_pools.values())
+    own = settings.current_pool()
+    slots = own.concurrency if own else max(p.concurrency for p in settings.pools().values())
     pool = redis.BlockingConnectionPool.from_url(
-        app.conf.redis_url,
+        settings.core().redis_url,
         max_connections=slots + 32,
         timeout=20,
         # Timeouts so a vanished Redis fails a call (and the job retries) instead of hanging it.
@@ -46,8 +47,8 @@ def engine() -> Engine:
     return create_engine(
         database_url(),
         pool_pre_ping=True,  # a connection broken by a Postgres restart is replaced, not used
-        pool_size=app.conf.conveyor_db_pool_size,
-        max_overflow=app.conf.conveyor_db_max_overflow,
+        pool_size=settings.core().db_pool_size,
+        max_overflow=settings.core().db_max_overflow,
         connect_args={"connect_timeout": 5, "application_name": "conveyor"},
     )
 

@@ -16,8 +16,8 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
-from workers.runtime import connections
-from workers.store import dead_letters
+from conveyor.envelopes import FAMILIES
+from workers.runtime import outcome
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,28 @@ class Consumer(CeleryConsumer):
 
 
 def _dead_letter(message: Any, reason: str, error: str) -> None:
+    """End the message's job through ``runtime.outcome.fail``: a dead letter holding the raw
+    body, an error event on the job's stream and a failed result, so a caller waiting on the
+    job learns at once (a message with no id gets one here, for its dead letter only)."""
     headers = message.headers or {}
-    row = {
-        "job_id": str(headers.get("id") or uuid.uuid4()),
-        "task": str(headers.get("task") or "?"),
-        "queue": (message.delivery_info or {}).get("routing_key"),
-        "payload": {
-            "content_type": message.content_type,
-            "body_base64": base64.b64encode(_raw_body(message)).decode(),
-        },
-        "reason": reason,
-        "error": error,
-        "attempts": 1,
+    job_id = headers.get("id")
+    queue = (message.delivery_info or {}).get("routing_key")
+    payload = {
+        "content_type": message.content_type,
+        "body_base64": base64.b64encode(_raw_body(message)).decode(),
     }
     try:
-        dead_letters.record(connections.engine(), connections.redis_client(), row)
+        outcome.fail(
+            str(job_id or uuid.uuid4()),
+            str(headers.get("task") or "?"),
+            payload,
+            outcome.Ending(reason, error, 1),
+            queue=queue,
+            family=queue if queue in FAMILIES else None,
+            store_result=bool(job_id),
+        )
     except Exception:  # the message is acknowledged either way; say loudly what was lost
-        log.exception("could not dead-letter refused message %s: %s", row["job_id"], error)
+        log.exception("could not dead-letter refused message %s: %s", job_id, error)
 
 
 def _raw_body(message: Any) -> bytes:

@@ -13,7 +13,6 @@ never carries a URL.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from conveyor.settings import ConfigError
+from conveyor.config import Env, redact_url
+from conveyor.errors import ConfigError
 from workers.failures import Cancelled as Cancelled  # re-exported: providers raise it
 from workers.failures import Retryable
 
@@ -213,15 +213,10 @@ _ENTRY_KEYS = frozenset(
 )
 
 
-def _get(environ: Mapping[str, str], name: str) -> str | None:
-    value = environ.get(name)
-    return value.strip() if value and value.strip() else None
-
-
 def _base_url(raw: str, where: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}={raw!r} is not an http(s) URL")
+        raise ConfigError(f"{where}={redact_url(raw)!r} is not an http(s) URL")
     if parts.username or parts.password:
         raise ConfigError(f"{where} must not hold credentials; give the API key by variable")
     if parts.query or parts.fragment:
@@ -263,41 +258,38 @@ def _names(values: Iterable[Any], where: str) -> tuple[str, ...]:
     return names
 
 
-def _default_from_env(environ: Mapping[str, str]) -> ProviderConfig | None:
-    base_url = _get(environ, "LLM_BASE_URL")
+def _default_from_env(env: Env) -> ProviderConfig | None:
+    base_url = env.raw("LLM_BASE_URL")
     if base_url is None:
-        stray = [v for v in ("LLM_PROVIDER", "LLM_API_KEY", "LLM_MODEL") if _get(environ, v)]
+        stray = [v for v in ("LLM_PROVIDER", "LLM_API_KEY", "LLM_MODEL") if env.raw(v)]
         if stray:
             # Better to stop than to answer with the local echo where a model was meant.
             raise ConfigError(f"{', '.join(stray)} set but LLM_BASE_URL is not")
         return None
-    kind = (_get(environ, "LLM_PROVIDER") or "openai").lower()
+    kind = (env.raw("LLM_PROVIDER") or "openai").lower()
     if kind not in ("openai", "ollama"):
         raise ConfigError(f"LLM_PROVIDER={kind!r} must be 'openai' or 'ollama'")
-    fallbacks = _get(environ, "LLM_FALLBACKS") or ""
+    fallbacks = env.raw("LLM_FALLBACKS") or ""
     return ProviderConfig(
         name=DEFAULT,
         kind=kind,  # type: ignore[arg-type]  # checked just above
         base_url=_base_url(base_url, "LLM_BASE_URL"),
-        api_key=_get(environ, "LLM_API_KEY"),
-        default_model=_get(environ, "LLM_MODEL"),
-        rpm=_limit(_get(environ, "LLM_RPM"), "LLM_RPM"),
-        tpm=_limit(_get(environ, "LLM_TPM"), "LLM_TPM"),
-        connect_s=_seconds(_get(environ, "LLM_CONNECT_TIMEOUT"), "LLM_CONNECT_TIMEOUT", 5.0),
-        read_s=_seconds(_get(environ, "LLM_READ_TIMEOUT"), "LLM_READ_TIMEOUT", 60.0),
-        total_s=_seconds(_get(environ, "LLM_TIMEOUT"), "LLM_TIMEOUT", 180.0),
+        api_key=env.raw("LLM_API_KEY"),
+        default_model=env.raw("LLM_MODEL"),
+        rpm=_limit(env.raw("LLM_RPM"), "LLM_RPM"),
+        tpm=_limit(env.raw("LLM_TPM"), "LLM_TPM"),
+        connect_s=_seconds(env.raw("LLM_CONNECT_TIMEOUT"), "LLM_CONNECT_TIMEOUT", 5.0),
+        read_s=_seconds(env.raw("LLM_READ_TIMEOUT"), "LLM_READ_TIMEOUT", 60.0),
+        total_s=_seconds(env.raw("LLM_TIMEOUT"), "LLM_TIMEOUT", 180.0),
         fallbacks=_names((n.strip() for n in fallbacks.split(",") if n.strip()), "LLM_FALLBACKS"),
     )
 
 
-def _named_from_env(environ: Mapping[str, str]) -> list[ProviderConfig]:
-    raw = _get(environ, "CONVEYOR_PROVIDERS")
+def _named_from_env(env: Env) -> list[ProviderConfig]:
+    raw = env.raw("CONVEYOR_PROVIDERS")
     if raw is None:
         return []
-    try:
-        entries = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"CONVEYOR_PROVIDERS is not valid JSON: {exc}") from None
+    entries = env.json("CONVEYOR_PROVIDERS")
     if not isinstance(entries, dict):
         raise ConfigError("CONVEYOR_PROVIDERS must be a JSON object of name -> provider")
     configs = []
@@ -326,7 +318,7 @@ def _named_from_env(environ: Mapping[str, str]) -> list[ProviderConfig]:
         if key_env is not None:
             if not isinstance(key_env, str):
                 raise ConfigError(f"{where}.api_key_env must name a variable")
-            api_key = _get(environ, key_env)
+            api_key = env.raw(key_env)
             if api_key is None:
                 raise ConfigError(f"{where}.api_key_env names {key_env}, which is not set")
         model = entry.get("model")
@@ -353,7 +345,7 @@ def _named_from_env(environ: Mapping[str, str]) -> list[ProviderConfig]:
     return configs
 
 
-def providers_from_env(environ: Mapping[str, str]) -> dict[str, ProviderConfig]:
+def providers_from_env(environ: Env | Mapping[str, str]) -> dict[str, ProviderConfig]:
     """Every configured provider by name; raises ``ConfigError`` naming a bad variable.
 
     ``LLM_BASE_URL`` (+ ``LLM_PROVIDER`` openai|ollama, ``LLM_API_KEY``, ``LLM_MODEL``,
@@ -362,13 +354,14 @@ def providers_from_env(environ: Mapping[str, str]) -> dict[str, ProviderConfig]:
     Ollama's is the server root. ``CONVEYOR_PROVIDERS`` is a JSON object of named providers
     whose keys come only through ``api_key_env``.
     """
+    env = environ if isinstance(environ, Env) else Env(environ)
     configs: dict[str, ProviderConfig] = {
         LOCAL: ProviderConfig(name=LOCAL, kind="local", default_model="local-echo")
     }
-    default = _default_from_env(environ)
+    default = _default_from_env(env)
     if default is not None:
         configs[DEFAULT] = default
-    for config in _named_from_env(environ):
+    for config in _named_from_env(env):
         if config.name in configs:
             raise ConfigError(
                 f"CONVEYOR_PROVIDERS defines {config.name!r}, which LLM_BASE_URL already defines"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +25,7 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
+from conveyor.config import Env
 from workers.ai.providers.base import (
     Cancelled,
     ChatRequest,
@@ -124,7 +124,8 @@ def new_session(base_url: str | None = None) -> requests.Session:
     session.trust_env = False
     if base_url:
         session.proxies.update(requests.utils.get_environ_proxies(base_url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    env = Env()
+    bundle = env.text("REQUESTS_CA_BUNDLE") or env.text("CURL_CA_BUNDLE")
     if bundle:
         session.verify = bundle
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)

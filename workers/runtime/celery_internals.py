@@ -1,0 +1,109 @@
+"""FENCE: the private behaviour of Celery and kombu the batcher (``runtime.batching``) relies
+on, and nothing else. Checked by ``check()``, which ``tests/runtime/test_fences.py`` runs: an
+upgrade that moves any of it fails there, naming what moved, instead of silently losing acks.
+
+What is leaned on, and why:
+
+- a task's ``Strategy`` hook (as celery-batches does): the consumer hands each message of the
+  task to our handler instead of the pool;
+- the consumer's ``pool``, ``timer``, ``call_soon`` and ``connection_errors``, to run batches,
+  flush on time and call back on the consumer's loop thread;
+- ``celery.worker.state.total_count`` / ``all_total_count``: the worker's "total" stats
+  (what ``ops/healthcheck.py`` reads) count each batched record;
+- kombu's Redis ``QoS`` bookkeeping (``pipe_or_acquire``, ``_remove_from_indices``, and the
+  virtual ``QoS.ack``) and ``Message._state``, to acknowledge a whole batch of messages in one
+  Redis round trip instead of one ``MULTI`` pipeline each (a third of the consumer's time).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import Task
+from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
+from kombu.message import Message
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as virtual_base
+
+__all__ = ["FenceBroken", "bulk_ack", "check", "count_started"]
+
+log = logging.getLogger(__name__)
+
+
+class FenceBroken(RuntimeError):
+    """A library no longer behaves as this module relies on: pin it back or update us."""
+
+
+def count_started(task_name: str, records: int) -> None:
+    """Count ``records`` started jobs of ``task_name`` in the worker's stats."""
+    worker_state.total_count.update({task_name: records})
+    worker_state.all_total_count[0] += records
+
+
+def bulk_ack(messages: Sequence[Any], ack_one: Callable[[Any], None], *, what: str) -> None:
+    """Acknowledge ``messages`` (all of one channel): in one Redis round trip where the
+    transport is kombu's Redis one; through ``ack_one`` (Celery's own way, which logs what it
+    cannot do) anywhere else, or when the round trip fails."""
+    if not messages:
+        return
+    qos = getattr(messages[0].channel, "qos", None)
+    if not isinstance(qos, kombu_redis.QoS):
+        for message in messages:
+            ack_one(message)
+        return
+    try:
+        with qos.pipe_or_acquire() as pipe:
+            for message in messages:
+                qos._remove_from_indices(message.delivery_tag, pipe)
+            pipe.execute()
+    except Exception as exc:
+        log.warning("%s: bulk acknowledgement failed (%r)", what, exc)
+        for message in messages:
+            ack_one(message)
+        return
+    for message in messages:  # what message.ack() does besides the Redis writes
+        virtual_base.QoS.ack(qos, message.delivery_tag)
+        message._state = "ACK"
+
+
+def check() -> None:
+    """Raise ``FenceBroken`` naming the first private behaviour that is gone."""
+    problems: list[str] = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    need(hasattr(Task, "Strategy"), "celery.Task.Strategy (the task strategy hook)")
+    need(callable(getattr(Consumer, "call_soon", None)), "celery Consumer.call_soon")
+    init = inspect.getsource(Consumer.__init__)
+    for attribute in ("self.pool", "self.timer", "self.connection_errors"):
+        need(attribute in init, f"celery Consumer.__init__ setting {attribute}")
+    need(hasattr(worker_state, "total_count"), "celery.worker.state.total_count")
+    need(
+        isinstance(getattr(worker_state, "all_total_count", None), list),
+        "celery.worker.state.all_total_count (a one-item list)",
+    )
+    qos = kombu_redis.QoS
+    need(callable(getattr(qos, "pipe_or_acquire", None)), "kombu redis QoS.pipe_or_acquire")
+    remove = getattr(qos, "_remove_from_indices", None)
+    need(callable(remove), "kombu redis QoS._remove_from_indices")
+    if callable(remove):
+        params = list(inspect.signature(remove).parameters)
+        need(params[:3] == ["self", "delivery_tag", "pipe"], "QoS._remove_from_indices(tag, pipe)")
+    ack = getattr(virtual_base.QoS, "ack", None)
+    need(
+        callable(ack) and list(inspect.signature(ack).parameters)[:2] == ["self", "delivery_tag"],
+        "kombu virtual QoS.ack(delivery_tag)",
+    )
+    need("_state" in inspect.getsource(Message.__init__), "kombu Message._state")
+    need("self._state = 'ACK'" in inspect.getsource(Message.ack), "kombu Message.ack sets ACK")
+    if problems:
+        raise FenceBroken(
+            "Celery/kombu changed what runtime.batching relies on (see "
+            "workers/runtime/celery_internals.py): " + "; ".join(problems)
+        )

@@ -1,0 +1,84 @@
+"""What plain job code may know and do besides its payload: ``JobContext``. No Celery here.
+
+A job function ``fn(ctx, payload) -> dict`` reports through its context (events under its
+family's names) and reaches the process's clients through ``connections``; it never sees
+Celery's task or request, so it can be called and tested as a plain function.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.envelopes import EventSuffix, EventType, component_of, event_name
+from workers import settings
+from workers.runtime import connections
+from workers.runtime.events import EventPublisher
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def publisher() -> EventPublisher:
+    """The process's one event publisher."""
+    core = settings.core()
+    return EventPublisher(
+        connections.redis_client(),
+        stream_maxlen=core.event_stream_maxlen,
+        ttl_s=core.event_ttl_s,
+    )
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a job function may know and do besides its payload."""
+
+    job_id: str
+    task_name: str
+    #: 0 on the first attempt, n on the n-th retry.
+    attempt: int
+    #: Its family (``conveyor.envelopes.FAMILIES``): the component and names of its events.
+    family: str
+    #: The Celery worker's node name, e.g. ``ai@host``.
+    hostname: str = ""
+
+    def emit(
+        self, suffix: EventSuffix, data: dict[str, Any], *, type: EventType = "update"
+    ) -> None:
+        """Publish ``<prefix>_<suffix>`` (e.g. ``ai_generation_progress``) for this job."""
+        publisher().publish(
+            self.job_id,
+            type=type,
+            component=component_of(self.family),
+            event=event_name(self.family, suffix),
+            data=data,
+        )
+
+    def emit_soon(self, suffix: EventSuffix, data: dict[str, Any]) -> None:
+        """Like ``emit``, in the process's next event batch (``EventPublisher.publish_soon``):
+        no round trip of its own, and still before any later event of this job. Best effort:
+        a batch Redis refuses is logged, not raised (the job's own Redis calls fail anyway)."""
+        publisher().publish_soon(
+            self.job_id,
+            type="update",
+            component=component_of(self.family),
+            event=event_name(self.family, suffix),
+            data=data,
+        )
+
+    def progress(self, **data: Any) -> None:
+        self.emit("progress", data)
+
+    def emit_quietly(
+        self, suffix: EventSuffix, data: dict[str, Any], *, type: EventType = "update"
+    ) -> None:
+        """Publish, logging instead of raising: for events about a failure (Redis may be its
+        cause) and for progress inside a stream (a Redis hiccup must not fail a generation)."""
+        try:
+            self.emit(suffix, data, type=type)
+        except Exception:
+            log.exception(
+                "could not publish %s for job %s", event_name(self.family, suffix), self.job_id
+            )
