@@ -25,9 +25,12 @@ dev: install
 test: install lint
 	$(BIN)/pytest
 
+## Rules checked by tools: style, types (strict on the client and the runtime), import layering.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

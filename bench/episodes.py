@@ -204,7 +204,7 @@ class Bench:
         from conveyor import Submitter
         from workers import settings
         from workers.observability.queues import queue_keys
-        from workers.runtime.connections import database_url as sqlalchemy_url
+        from workers.store.db import sqlalchemy_url
 
         self.args = args
         self.home = home

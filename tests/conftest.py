@@ -75,7 +75,7 @@ def redis_client(redis_url: str):
 def engine(database_url: str):
     from sqlalchemy import create_engine
 
-    from workers.runtime.connections import database_url as sqlalchemy_url
+    from workers.store.db import sqlalchemy_url
 
     eng = create_engine(sqlalchemy_url(database_url))
     yield eng

@@ -33,8 +33,8 @@ from workers.ai.providers import (
 from workers.ai.providers.local import LABEL, LocalProvider, echo
 from workers.ai.providers.ollama import OllamaProvider
 from workers.ai.providers.openai_compat import OpenAICompatProvider
-from workers.ai.providers.transport import retry_after_s
 from workers.failures import Permanent, Retryable
+from workers.resilience.retry_after import retry_after_s
 
 #: The fake server's fixture (a conftest may provide it too).
 llm_server = fake_llm.llm_server

@@ -172,3 +172,27 @@ def test_flower_refuses_to_start_without_authentication_outside_dev():
     )
     assert result.returncode == 2
     assert "FLOWER_BASIC_AUTH" in result.stderr
+
+
+def test_the_client_needs_none_of_the_workers_dependencies(redis_url):
+    """What `pip install .` (no `worker` extra) gives a submitting service is enough."""
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'sqlalchemy', 'psycopg2', 'requests', 'flower',\n"
+        "                                  'pybreaker', 'alembic', 'redbeat', 'urllib3'}:\n"
+        "            raise ImportError(f'{name} is a worker dependency')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from conveyor import Submitter\n"
+        "from conveyor.config import ClientConfig\n"
+        f"s = Submitter(ClientConfig(redis_url={redis_url!r}))\n"
+        "job = s.submit('maintenance.ping', {'message': 'client only'})\n"
+        "print(job.id)\n"
+        "s.close()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) == 36

@@ -20,8 +20,8 @@ from sqlalchemy import create_engine, text
 from conveyor import keys
 from tests.support.waiting import wait_for
 from tests.support.workers import FAST_REDELIVERY
-from workers.runtime.connections import database_url as sqlalchemy_url
 from workers.store import dead_letters
+from workers.store.db import sqlalchemy_url
 
 QUEUE = "episodes"
 

@@ -3,6 +3,7 @@ isolated, queries, search, cursor pages, recall and retention; and the schema's 
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -183,8 +184,9 @@ def test_cli_prints_json_lines_and_the_next_cursor(history, capsys):
 
 def test_recent_episodes_within_a_token_budget(engine, history):
     session = f"{history}-s0"  # episodes 0-5, 5 is an error; each costs about 5+3 tokens
-    assert _ids(recent_episodes(engine, session, 3, 10_000)) == [2, 3, 4]  # oldest first
-    assert _ids(recent_episodes(engine, session, 3, 10_000, status=None)) == [3, 4, 5]
+    recall = functools.partial(recent_episodes, engine, session, count_tokens=len)
+    assert _ids(recall(3, 10_000)) == [2, 3, 4]  # oldest first
+    assert _ids(recall(3, 10_000, status=None)) == [3, 4, 5]
     costs = [
         len(e["prompt"]) // 4 + len(e["response"]) // 4
         for e in recent_episodes(engine, session, 10, 10_000, count_tokens=lambda s: len(s) // 4)
@@ -192,8 +194,8 @@ def test_recent_episodes_within_a_token_budget(engine, history):
     budget = sum(costs[-2:])  # room for the last two only
     recalled = recent_episodes(engine, session, 10, budget, count_tokens=lambda s: len(s) // 4)
     assert _ids(recalled) == [3, 4]
-    assert recent_episodes(engine, session, 0, 1000) == []
-    assert recent_episodes(engine, session, 5, 1) == []  # the newest alone does not fit
+    assert recall(0, 1000) == []
+    assert recall(5, 1) == []  # the newest alone does not fit
 
 
 def test_retention_deletes_old_episodes_in_chunks(conn, engine, unique):

@@ -148,10 +148,8 @@ class Generator:
         deadline: float | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_progress: Callable[[dict[str, Any]], None] = lambda _: None,
-        on_provider: Callable[[str, str], None] = lambda _p, _m: None,
     ) -> Generation:
-        """Stream one answer; ``on_progress`` gets coalesced ``{"delta", "offset"}`` pieces and
-        ``on_provider(provider, model)`` is told which provider is about to be asked."""
+        """Stream one answer; ``on_progress`` gets coalesced ``{"delta", "offset"}`` pieces."""
         deferred: Deferred | None = None
         for name in self.chain(provider):
             config = self.providers[name]
@@ -170,9 +168,7 @@ class Generator:
                 should_stop=should_stop,
             )
             try:
-                return Generation(
-                    name, self._stream(config, breaker, request, on_progress, on_provider)
-                )
+                return Generation(name, self._stream(config, breaker, request, on_progress))
             except CircuitOpen as exc:  # another worker holds the half-open probe
                 deferred = exc
         assert deferred is not None
@@ -184,7 +180,6 @@ class Generator:
         breaker: SharedBreaker,
         request: ChatRequest,
         on_progress: Callable[[dict[str, Any]], None],
-        on_provider: Callable[[str, str], None],
     ) -> Completion:
         estimate = estimate_prompt_tokens(request.messages) + (
             request.max_tokens or _ANSWER_ESTIMATE

@@ -16,6 +16,7 @@ from workers import settings
 from workers.ai.generation import CancelWatch, Generation, Generator
 from workers.ai.prompts import AnswerDoesNotFit, extract_code_blocks, messages_for, parse_analysis
 from workers.ai.providers import default_provider_name
+from workers.ai.providers.base import estimate_tokens
 from workers.episodes.outbox import log_episode
 from workers.runtime import connections
 from workers.runtime.context import JobContext
@@ -96,6 +97,7 @@ def _recall(payload: Any) -> list[dict[str, str]]:
         payload.session_id,
         payload.history,
         settings.ai().history_tokens,
+        count_tokens=estimate_tokens,
     )
     turns: list[dict[str, str]] = []
     for episode in episodes:

@@ -36,9 +36,9 @@ _ANALYZE_TASKS = {
         'Classify the sentiment of the text. Answer as {"label": "positive"|"negative"|'
         '"neutral", "score": <number from -1 to 1>}.'
     ),
-    "classify": "Classify the text as exactly one of these labels: {labels}. Answer as "
-    '{{"label": "<one label>", "confidence": <number from 0 to 1>}}.',
-    "extract": "Extract these fields from the text: {fields}. Answer as a JSON object with "
+    "classify": "Classify the text as exactly one of these labels: <labels>. Answer as "
+    '{"label": "<one label>", "confidence": <number from 0 to 1>}.',
+    "extract": "Extract these fields from the text: <fields>. Answer as a JSON object with "
     "exactly those keys; use null for a field the text does not give.",
 }
 

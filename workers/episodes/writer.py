@@ -22,7 +22,7 @@ from workers import settings
 from workers.episodes.outbox import episode_id_for
 from workers.failures import Retryable, classify
 from workers.runtime import connections
-from workers.runtime.batching import BatchContext, Item, Verdict
+from workers.runtime.context import BatchContext, Item, Verdict
 from workers.store.episodes import episode_row, insert_episodes
 
 log = logging.getLogger(__name__)

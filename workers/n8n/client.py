@@ -27,7 +27,6 @@ caller never fires a second time blindly.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from urllib3.exceptions import ProxyError as _Urllib3ProxyError
 from conveyor.config import Env, redact_url
 from conveyor.errors import ConfigError
 from workers.failures import Permanent, Retryable, compute_backoff
+from workers.resilience.retry_after import retry_after_s
 
 ExecutionStatus = Literal[
     "new", "running", "waiting", "success", "error", "canceled", "crashed", "unknown"
@@ -288,7 +288,7 @@ class N8nClient:
         if status == 429 or status >= 500:
             raise Retryable(
                 f"n8n API answered {status} for execution {eid}: {message}",
-                delay_s=_retry_after(response),
+                delay_s=retry_after_s(response.headers),
             )
         raise Permanent(f"n8n API answered {status} for execution {eid}: {message}")
 
@@ -475,7 +475,9 @@ def _trigger_result(path: str, key: str, response: requests.Response) -> Trigger
             f"retried; look for job {key} in n8n's executions ({IDEMPOTENCY_HEADER} header)"
         )
     if status == 429 or status >= 500:
-        raise Retryable(f"{where} answered {status}: {message}", delay_s=_retry_after(response))
+        raise Retryable(
+            f"{where} answered {status}: {message}", delay_s=retry_after_s(response.headers)
+        )
     if 300 <= status < 400:
         raise Permanent(f"{where} answered a redirect ({status}): check N8N_BASE_URL")
     raise Permanent(f"{where} was refused ({status}): {message}")
@@ -510,16 +512,6 @@ def _execution_id(body: Any) -> str | None:
         if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
             return str(value).strip()
     return None
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """``Retry-After`` in seconds (capped at 120 s: a hint, not a promise); dates are ignored."""
-    raw = response.headers.get("Retry-After")
-    try:
-        seconds = float(raw) if raw is not None else math.nan
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), 120.0) if not math.isnan(seconds) else None
 
 
 def _error_of(error: Any, run_data: Mapping[str, Any]) -> tuple[str | None, str | None]:

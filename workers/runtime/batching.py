@@ -36,10 +36,10 @@ Failures keep both. Nor do Flower or ``celery inspect`` list batched messages on
 the worker's ``total`` count (what ``ops/healthcheck.py`` reads) does include them (a record
 each).
 
-What it leans on, beyond Celery's public API (the tests drive real workers through all of it):
-a task's ``Strategy`` (as celery-batches does), the consumer's pool, timer and connection
-errors, the worker-state counters, and, to acknowledge a batch in one Redis round trip, kombu's
-Redis ``QoS`` bookkeeping (``_remove_from_indices``, the virtual ``QoS.ack``). After a broker
+What it leans on, beyond Celery's public API, is fenced in ``runtime/celery_internals.py``
+(with a test that fails naming what an upgrade moved): a task's ``Strategy`` (as celery-batches
+does), the consumer's pool, timer and connection errors, the worker-state counters, and, to
+acknowledge a batch in one Redis round trip, kombu's Redis ``QoS`` bookkeeping. After a broker
 reconnect Celery cancels the old connection's timers: records held at that moment come back
 through Redis' visibility timeout, like any prefetched message.
 
@@ -65,63 +65,16 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import InvalidTaskError
-from celery.worker import state as worker_state
-from kombu.transport import redis as kombu_redis
-from kombu.transport.virtual import base as virtual_base
 
 from conveyor.envelopes import FAMILIES
 from conveyor.messages import PACK_HEADER
 from workers import settings
 from workers.app import app
 from workers.failures import Retryable, classify, compute_backoff
-from workers.runtime import outcome
+from workers.runtime import celery_internals
+from workers.runtime.context import BatchContext, Item, Verdict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One record of a batch (a message, or one record of a packed message), as the batch
-    function sees it."""
-
-    job_id: str
-    #: As received: not validated yet.
-    payload: Any
-    queue: str | None = None
-    #: Handed out before (restored from a dead worker, or given back).
-    redelivered: bool = False
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A batch function's answer: every item is settled (written, already there, or failed for
-    good through ``ctx.fail``) except those at the indices in ``retry``, which wait and go
-    again; ``reason`` says why, for the log."""
-
-    retry: tuple[int, ...] = ()
-    reason: str = ""
-
-
-class BatchContext:
-    """What a batch function may do besides reading its items."""
-
-    def __init__(self, task_name: str, family: str):
-        self.task_name = task_name
-        self.family = family
-
-    def fail(self, item: Item, reason: str, error: str, *, attempts: int = 1) -> None:
-        """Settle ``item`` as failed for good (``runtime.outcome.fail``): its dead letter, its
-        ``*_error`` event and a failed result for a caller waiting on it. Raises only when
-        neither Postgres nor Redis took the dead letter."""
-        outcome.fail(
-            item.job_id,
-            self.task_name,
-            item.payload,
-            outcome.Ending(reason, error, attempts),
-            queue=item.queue,
-            family=self.family,
-            store_result=True,
-        )
 
 
 BatchFunction = Callable[[BatchContext, list[Item]], Verdict]
@@ -341,8 +294,7 @@ class Batcher:
     # -- batches out
 
     def _dispatch(self, batch: list[_Held]) -> None:
-        worker_state.total_count.update({self.task_name: len(batch)})
-        worker_state.all_total_count[0] += len(batch)
+        celery_internals.count_started(self.task_name, len(batch))
         args = (self.task_name, [h.item for h in batch])
         self._apply(batch, _run_batch, args, self._on_result, self._on_crash)
 
@@ -392,24 +344,12 @@ class Batcher:
         for delivery in done:
             by_channel.setdefault(id(delivery.message.channel), []).append(delivery)
         for group in by_channel.values():
-            qos = getattr(group[0].message.channel, "qos", None)
-            if not isinstance(qos, kombu_redis.QoS):
-                for delivery in group:
-                    delivery.ack(log, self._errors)
-                continue
-            try:
-                with qos.pipe_or_acquire() as pipe:
-                    for delivery in group:
-                        qos._remove_from_indices(delivery.message.delivery_tag, pipe)
-                    pipe.execute()
-            except Exception as exc:
-                log.warning("%s: bulk acknowledgement failed (%r)", self.task_name, exc)
-                for delivery in group:  # Celery's own way, which logs what it cannot do
-                    delivery.ack(log, self._errors)
-                continue
-            for delivery in group:  # what message.ack() does besides the Redis writes
-                virtual_base.QoS.ack(qos, delivery.message.delivery_tag)
-                delivery.message._state = "ACK"
+            acks = {id(d.message): d.ack for d in group}
+            celery_internals.bulk_ack(
+                [d.message for d in group],
+                lambda message, acks=acks: acks[id(message)](log, self._errors),
+                what=self.task_name,
+            )
 
     def _on_crash(self, batch: list[_Held], exc_info: Any) -> None:
         """The pool process running the batch died, or was killed at the hard time limit."""

@@ -12,15 +12,12 @@ import redis
 from sqlalchemy import Engine, create_engine
 
 from workers import settings
+from workers.store.db import sqlalchemy_url
 
 
 def database_url(url: str | None = None) -> str:
-    """A SQLAlchemy URL for psycopg2, whichever spelling of Postgres URL was configured."""
-    url = url or settings.core().database_url
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix) :]
-    return url
+    """The configured database (or ``url``) as a SQLAlchemy URL for psycopg2."""
+    return sqlalchemy_url(url or settings.core().database_url)
 
 
 @functools.cache

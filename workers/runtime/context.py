@@ -82,3 +82,53 @@ class JobContext:
             log.exception(
                 "could not publish %s for job %s", event_name(self.family, suffix), self.job_id
             )
+
+
+# --- Batched tasks (``runtime.batching``) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One record of a batch (a message, or one record of a packed message), as the batch
+    function sees it."""
+
+    job_id: str
+    #: As received: not validated yet.
+    payload: Any
+    queue: str | None = None
+    #: Handed out before (restored from a dead worker, or given back).
+    redelivered: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A batch function's answer: every item is settled (written, already there, or failed for
+    good through ``ctx.fail``) except those at the indices in ``retry``, which wait and go
+    again; ``reason`` says why, for the log."""
+
+    retry: tuple[int, ...] = ()
+    reason: str = ""
+
+
+class BatchContext:
+    """What a batch function may do besides reading its items."""
+
+    def __init__(self, task_name: str, family: str):
+        self.task_name = task_name
+        self.family = family
+
+    def fail(self, item: Item, reason: str, error: str, *, attempts: int = 1) -> None:
+        """Settle ``item`` as failed for good (``runtime.outcome.fail``): its dead letter, its
+        ``*_error`` event and a failed result for a caller waiting on it. Raises only when
+        neither Postgres nor Redis took the dead letter."""
+        from workers.runtime import outcome  # the end-of-job path builds on this module
+
+        outcome.fail(
+            item.job_id,
+            self.task_name,
+            item.payload,
+            outcome.Ending(reason, error, attempts),
+            queue=item.queue,
+            family=self.family,
+            store_result=True,
+        )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -283,19 +282,14 @@ def _iso(when: datetime | None) -> str | None:
 # --- Recall -----------------------------------------------------------------------------------
 
 
-def estimate_tokens(text: str) -> int:
-    """Tokens ``text`` takes as context, at about 4 characters a token (rounded up)."""
-    return math.ceil(len(text) / 4)
-
-
 def recent_episodes(
     engine: Engine,
     session_id: str,
     n: int,
     token_budget: int,
     *,
+    count_tokens: Callable[[str], int],
     status: str | None = "success",
-    count_tokens: Callable[[str], int] = estimate_tokens,
 ) -> list[dict[str, Any]]:
     """The session's last ``n`` episodes that fit in ``token_budget``, oldest first (the order
     to prepend them as context).
@@ -376,7 +370,6 @@ __all__ = [
     "RetentionResult",
     "delete_older_than",
     "episode_row",
-    "estimate_tokens",
     "insert_episodes",
     "iter_episodes",
     "parse_time",

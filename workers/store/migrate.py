@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from workers.store.db import sqlalchemy_url
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -14,10 +16,8 @@ def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     if url is not None:
-        from workers.runtime.connections import database_url
-
         # ConfigParser interpolation: a literal % in a password must be doubled.
-        config.set_main_option("sqlalchemy.url", database_url(url).replace("%", "%%"))
+        config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     return config
 
 

@@ -17,6 +17,9 @@ the server stops generating), its deadline (-> ``DeadlineExceeded``) and the sil
 between chunks (``read_s`` -> ``Retryable``). A stream that fails or is cancelled has its
 connection closed, so the server stops generating; one read to the exact end of its body gives
 its connection back to the pool for the next job.
+
+Taking a socket over from ``requests`` leans on private behaviour of urllib3 and http.client:
+all of it is fenced in ``http_internals.py``, with a test that fails naming what moved.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any, Protocol
 import requests
 import urllib3
 
+from workers.ai.providers import http_internals
 from workers.ai.providers.base import (
     Cancelled,
     ChatRequest,
@@ -199,12 +203,12 @@ class _UntilClose(_Framing):
         return data
 
 
-def _framing(raw: Any) -> _Framing:
-    """The framing of the body an ``http.client`` response is about to read."""
-    if getattr(raw, "chunked", False):
+def _framing(response: requests.Response) -> _Framing:
+    """The framing of the body ``http.client`` was about to read."""
+    chunked, length = http_internals.framing_of(response)
+    if chunked:
         return _Chunked()
-    length = getattr(raw, "length", None)
-    if isinstance(length, int):
+    if length is not None:
         return _Length(length)
     return _UntilClose()
 
@@ -247,7 +251,7 @@ class StreamHandle:
         self.started = started
         self.deadline = deadline
         self.on_end = on_end
-        self.framing = _framing(response.raw._fp)
+        self.framing = _framing(response)
         self.decompress = _decompressor(config, response.headers.get("content-encoding", ""))
         self.last_data = time.monotonic()
         self.completion: Completion | None = None
@@ -334,7 +338,7 @@ class StreamReader:
         deltas arriving as they come but a stop or the deadline noticed between chunks only.
         """
         options = {"config": config, "request": request, "started": started, "deadline": deadline}
-        sock = _socket_of(response)
+        sock = http_internals.socket_of(response)
         try:
             if sock is None:
                 return _read_here(response, parser, on_delta, on_end, **options)
@@ -393,7 +397,7 @@ class StreamReader:
 
     def _drain_buffered(self, handle: StreamHandle) -> None:
         """Body bytes ``http.client`` read ahead with the headers, still in its buffer."""
-        buffered = getattr(handle.response.raw._fp, "fp", None)
+        buffered = http_internals.buffered_reader(handle.response)
         while buffered is not None:
             try:
                 data = buffered.read1(READ_SIZE)
@@ -514,7 +518,7 @@ class StreamReader:
         if (
             handle.error is None
             and handle.framing.reusable()
-            and not getattr(handle.response.raw._fp, "will_close", True)
+            and not http_internals.server_closes(handle.response)
         ):
             _give_back(handle)
             return
@@ -529,7 +533,7 @@ def _give_back(handle: StreamHandle) -> None:
     job (no new connect, and for https no new handshake). ``http.client`` never read that
     body, so it is told the body ended, as it tells itself at the end of one it read."""
     try:
-        handle.response.raw._fp._close_conn()  # closes the file over the socket, not the socket
+        http_internals.mark_body_read(handle.response)
         handle.sock.setblocking(True)  # the next request sets its own timeouts
         handle.response.raw.release_conn()
     except Exception:
@@ -548,17 +552,6 @@ def _failure(handle: StreamHandle, exc: BaseException) -> BaseException:
     if isinstance(exc, OSError):
         return Retryable(f"{name}: the connection broke mid-stream: {exc}")
     return exc
-
-
-def _socket_of(response: requests.Response) -> socket.socket | None:
-    """The socket under a streamed response, or None when it is not one we can poll."""
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
-    if sock is None:
-        # The server said it closes after this answer: http.client let go of the connection,
-        # and only the response's file still holds the socket.
-        fileobj = getattr(getattr(response.raw, "_fp", None), "fp", None)
-        sock = getattr(getattr(fileobj, "raw", None), "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None  # ssl.SSLSocket is one too
 
 
 class AnsweredStream:

@@ -12,7 +12,6 @@ says the quota is spent.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import queue
 import time
@@ -38,10 +37,8 @@ from workers.ai.providers.base import (
 )
 from workers.ai.providers.reader import AnsweredStream, StreamHandle, StreamParser, stream_reader
 from workers.failures import Permanent, Retryable
+from workers.resilience.retry_after import retry_after_s
 
-#: Seconds: the longest wait a server may ask of us. A longer ask is capped, not obeyed: the
-#: job's own backoff and the circuit breaker take over from there.
-RETRY_AFTER_CAP_S = 120.0
 #: Bytes of an error body we read: enough for any JSON error, never a whole runaway page.
 ERROR_BODY_LIMIT = 64 * 1024
 #: Idle connections kept per provider for reuse. Each thread holds at most one at a time, so
@@ -140,36 +137,6 @@ class _NoCookies(DefaultCookiePolicy):
 
     def set_ok(self, cookie: Any, request: Any) -> bool:
         return False
-
-
-def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """The wait a response asks for, in seconds, capped at ``RETRY_AFTER_CAP_S``; None if none
-    (then the job's own backoff decides).
-
-    ``retry-after-ms`` (OpenAI's, milliseconds) wins over ``retry-after`` (seconds or an HTTP
-    date). ``headers`` must look names up case-insensitively, as ``requests``' do.
-    """
-    seconds: float | None = None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            seconds = float(raw_ms) / 1000
-        except ValueError:
-            seconds = None
-    raw = headers.get("retry-after")
-    if seconds is None and raw:
-        try:
-            seconds = float(raw)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(raw)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds is None or not seconds > 0:  # missing, NaN, or a date already past (skew)
-        return None
-    return min(seconds, RETRY_AFTER_CAP_S)
 
 
 def parse_error(body: bytes | str | Any) -> ServerError:

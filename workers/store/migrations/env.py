@@ -13,9 +13,10 @@ config = context.config
 def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
     if url is None:
-        from workers.runtime.connections import database_url
+        from workers import settings
+        from workers.store.db import sqlalchemy_url
 
-        url = database_url()
+        url = sqlalchemy_url(settings.core().database_url)
     if context.is_offline_mode():
         context.configure(url=url, target_metadata=metadata, literal_binds=True)
         with context.begin_transaction():
