@@ -57,7 +57,7 @@ class Job:
 
     def status(self) -> str:
         """Celery's state: PENDING (queued or unknown), STARTED, RETRY, SUCCESS or FAILURE."""
-        return self._async_result().state
+        return str(self._async_result().state)
 
     def result(
         self, timeout: float | None = None, *, raise_on_failure: bool = False
@@ -99,7 +99,9 @@ class Job:
                 if left <= 0:
                     return
                 block_ms = max(1, min(block_ms, int(left * 1000)))
-            for _, entries in client.xread({stream: last_id}, block=block_ms, count=100) or []:
+            # bytes replies (no decode_responses): typed loosely by redis-py's stubs
+            replies: Any = client.xread({stream: last_id}, block=block_ms, count=100)
+            for _, entries in replies or []:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     event = json.loads(fields[b"event"])
@@ -123,14 +125,18 @@ class Submitter:
         ``CELERY_BROKER_URL``, ``CELERY_RESULT_BACKEND``, ``CONVEYOR_MAX_PAYLOAD_BYTES``, …);
         the keyword URLs override it. Nothing else of the environment is read."""
         config = config or ClientConfig.from_env()
-        overrides = {"redis_url": redis_url, "broker": broker_url, "result_backend": result_backend}
-        overrides = {k: v for k, v in overrides.items() if v}
-        if redis_url and not result_backend and not config.result_backend:
-            overrides["result_backend"] = redis_url
-        self.config = config = replace(config, **overrides) if overrides else config
+        if redis_url:
+            config = replace(
+                config, redis_url=redis_url, result_backend=config.result_backend or redis_url
+            )
+        if broker_url:
+            config = replace(config, broker=broker_url)
+        if result_backend:
+            config = replace(config, result_backend=result_backend)
+        self.config = config
         self.app = Celery("conveyor-submitter", set_as_current=False)
         self.app.conf.update(config.celery_settings())
-        self.redis = redis.Redis.from_url(
+        self.redis: redis.Redis = redis.Redis.from_url(
             config.redis_url, socket_timeout=30, socket_connect_timeout=5
         )
         self._pack: dict[str, int] = {"episodes.record": config.episodes_pack}
@@ -174,7 +180,9 @@ class Submitter:
         over one broker connection. Jobs come back in the order of ``payloads``, one per
         payload, each with its own id, even where records share a packed message."""
         payloads = list(payloads)
-        idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
+        idem: list[str | None] = (
+            list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
+        )
         if len(idem) != len(payloads):
             raise ValueError("idempotency_keys must have one entry per payload")
         _check_priority(priority)
@@ -244,24 +252,20 @@ class Submitter:
         self, task: str, idem: list[str | None], job_ids: list[str]
     ) -> list[str | None]:
         """For each payload: None when it is new (key claimed or no key), else the prior job id."""
-        claimed = [i for i, key in enumerate(idem) if key is not None]
+        claimed = [(i, key) for i, key in enumerate(idem) if key is not None]
         if not claimed:
             return [None] * len(idem)
         pipe = self.redis.pipeline(transaction=False)
-        for i in claimed:
+        for i, key in claimed:
             pipe.set(
-                keys.idempotency(task, idem[i]),
-                job_ids[i],
-                nx=True,
-                ex=self.config.idempotency_ttl_s,
+                keys.idempotency(task, key), job_ids[i], nx=True, ex=self.config.idempotency_ttl_s
             )
-            pipe.get(keys.idempotency(task, idem[i]))
+            pipe.get(keys.idempotency(task, key))
         replies = pipe.execute()
         result: list[str | None] = [None] * len(idem)
         seen: dict[str, str] = {}
-        for n, i in enumerate(claimed):
+        for n, (i, key) in enumerate(claimed):
             won, holder = replies[2 * n], replies[2 * n + 1]
-            key = idem[i]
             if key in seen:  # the same key twice in one batch: one job
                 result[i] = seen[key]
             elif not won:

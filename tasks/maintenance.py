@@ -33,7 +33,7 @@ def flush_dead_letters(ctx: JobContext, payload: NoPayload) -> dict[str, Any]:
 @job("maintenance.reconcile_workflows", family="maintenance")
 def reconcile_workflows(ctx: JobContext, payload: NoPayload) -> dict[str, Any]:
     """Finishes n8n executions still running when their job's deadline passed (every 30 s)."""
-    return n8n_jobs.reconcile()
+    return n8n_jobs.reconcile_pass()
 
 
 @job("maintenance.episode_retention", family="maintenance")

@@ -9,6 +9,7 @@ only hides it. ``workers.runtime.job`` turns the verdict into a Celery retry or 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import redis
 import requests
@@ -55,7 +56,7 @@ class HandedOver(Exception):
     still running at the job's deadline goes to ``maintenance.reconcile_workflows``). No result
     now, no terminal event, no dead letter; ``data`` goes into the progress event that says so."""
 
-    def __init__(self, message: str, *, data: dict | None = None):
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None):
         super().__init__(message)
         self.data = data or {}
 
@@ -91,4 +92,5 @@ def compute_backoff(
     that failed together spread out but none retries immediately.
     """
     step = min(cap_s, base_s * (2 ** min(attempt, 32)))
-    return step / 2 + (rng or random).uniform(0, step / 2)
+    jitter = (rng or random).uniform(0, step / 2)
+    return float(step / 2 + jitter)

@@ -20,7 +20,7 @@ class GenerationOptions(Attribution):
     history: int = Field(default=0, ge=0, le=100)
 
     @model_validator(mode="after")
-    def _history_needs_session(self):
+    def _history_needs_session(self) -> GenerationOptions:
         if self.history and not self.session_id:
             raise ValueError("history needs a session_id to recall episodes from")
         return self
@@ -53,7 +53,7 @@ class AnalyzePayload(GenerationOptions):
     fields: list[str] = Field(default_factory=list, max_length=100)
 
     @model_validator(mode="after")
-    def _kind_arguments(self):
+    def _kind_arguments(self) -> AnalyzePayload:
         if self.kind == "classify" and len(self.labels) < 2:
             raise ValueError("classify needs at least two labels")
         if self.kind == "extract" and not self.fields:

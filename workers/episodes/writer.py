@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import suppress
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 
 from conveyor.errors import PayloadError
 from conveyor.names import EPISODES
 from conveyor.schemas import validate_payload
+from conveyor.schemas.episodes import EpisodePayload
 from workers import settings
 from workers.episodes.outbox import episode_id_for
 from workers.failures import Retryable, classify
@@ -41,7 +42,10 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
     where: list[int] = []
     for i, item in enumerate(items):
         try:
-            payload = validate_payload(ctx.task_name, item.payload, max_bytes=max_bytes)
+            payload = cast(
+                EpisodePayload,
+                validate_payload(ctx.task_name, item.payload, max_bytes=max_bytes),
+            )
         except PayloadError as exc:
             _fail(ctx, item, "poison", str(exc), i, retry)
             continue
@@ -106,7 +110,7 @@ class _Connection:
         if proxy is None:
             proxy = connections.engine().raw_connection()
             try:
-                dbapi = proxy.driver_connection
+                dbapi: Any = proxy.driver_connection
                 dbapi.rollback()  # the pool's liveness ping may have opened a transaction
                 dbapi.autocommit = True
                 with dbapi.cursor() as cur:

@@ -34,7 +34,8 @@ def publish_queue_lengths() -> dict[str, int]:
     lengths = queue_lengths(
         client, QUEUES, priority_steps=options["priority_steps"], sep=options["sep"]
     )
-    client.hset(keys.QUEUE_METRICS, mapping={**lengths, "at": time.time()})
+    metrics: dict[str, float] = {**lengths, "at": time.time()}
+    client.hset(keys.QUEUE_METRICS, mapping=metrics)  # type: ignore[arg-type]
     return lengths
 
 

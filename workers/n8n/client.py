@@ -300,7 +300,7 @@ def parse_execution(doc: Mapping[str, Any]) -> Execution:
     data = doc.get("data")
     result = data.get("resultData") if isinstance(data, dict) else None
     result = result if isinstance(result, dict) else {}
-    run_data = result.get("runData") if isinstance(result.get("runData"), dict) else {}
+    run_data: dict[str, Any] = result["runData"] if isinstance(result.get("runData"), dict) else {}
     last_node = (
         result.get("lastNodeExecuted") if isinstance(result.get("lastNodeExecuted"), str) else None
     )

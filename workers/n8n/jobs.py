@@ -18,7 +18,7 @@ from conveyor.names import MAINTENANCE, N8N
 from conveyor.schemas.n8n import N8nExecutePayload
 from workers import settings
 from workers.episodes.outbox import log_episode
-from workers.n8n import workflows
+from workers.n8n import reconcile, workflows
 from workers.n8n.client import N8nClient
 from workers.resilience.breakers import SharedBreaker
 from workers.runtime import connections, outcome
@@ -41,7 +41,7 @@ def execute(ctx: JobContext, payload: N8nExecutePayload) -> dict[str, Any]:
     )
 
 
-def reconcile() -> dict[str, Any]:
+def reconcile_pass() -> dict[str, Any]:
     """One reconciler pass (beat, every 30 s): finishes executions still running when their
     job's deadline passed."""
     try:
@@ -51,7 +51,7 @@ def reconcile() -> dict[str, Any]:
         return {"skipped": f"n8n's settings are malformed: {exc}"}
     if config.instance is None:
         return {"skipped": "N8N_BASE_URL is not set on this worker"}
-    counts = workflows.reconcile(
+    counts = reconcile.reconcile(
         runtime(),
         ReconciledJobs(),
         grace_s=config.reconcile_grace_s,

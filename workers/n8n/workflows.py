@@ -16,7 +16,7 @@ carries the state from one delivery of the job to the next.
   ``hold_s``, then sends the job back to the queue for its next read (``Deferred``: no retry
   spent), so a long run never holds one message, or one worker thread, for minutes.
 - **Deadline.** At the job's deadline (its ``timeout_s`` after the first claim) an execution
-  still running is handed over (``HandedOver``) to ``reconcile``, which a beat job runs: it reads
+  still running is handed over (``HandedOver``) to ``reconcile.py``, which a beat job runs: it reads
   those executions and reports their end to the job's listeners and waiters.
 - Every status change is one progress event; whoever moves the row to its end (a conditional
   update) is the one that reports it, so a job and the reconciler never both do.
@@ -28,12 +28,11 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from random import Random
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy import Engine
@@ -48,7 +47,7 @@ from workers.n8n.client import (
     WorkflowFailed,
     next_poll_delay,
 )
-from workers.resilience.breakers import CircuitOpen, SharedBreaker
+from workers.resilience.breakers import SharedBreaker
 from workers.store import executions
 from workers.store.executions import (
     FOLLOWING,
@@ -367,8 +366,8 @@ def _follow(
     settings = rt.settings
     held_since = time.monotonic()
     while True:
-        execution = _read(rt, client, row)
-        observed = _observe(rt, row, execution, progress)
+        execution = read_execution(rt, client, row)
+        observed = observe(rt, row, execution, progress)
         if observed is None:
             raise HandedOver(
                 f"n8n execution {row.n8n_execution_id} was finished by another delivery or by "
@@ -402,7 +401,7 @@ def _follow(
         rt.sleep(delay)
 
 
-def _read(rt: Runtime, client: N8nClient, row: ExecutionRow) -> Execution:
+def read_execution(rt: Runtime, client: N8nClient, row: ExecutionRow) -> Execution:
     execution_id = row.n8n_execution_id
     assert execution_id is not None, "a followed row has an execution id"
     try:
@@ -423,7 +422,7 @@ def _read(rt: Runtime, client: N8nClient, row: ExecutionRow) -> Execution:
         raise TriggerOutcomeUnknown(message) from exc
 
 
-def _observe(
+def observe(
     rt: Runtime, row: ExecutionRow, execution: Execution, progress: Progress
 ) -> ExecutionRow | None:
     """Record what n8n reported (one progress event per status change); None when someone else
@@ -450,69 +449,6 @@ def _observe(
         event |= {"error": changed.error, "node": changed.error_node}
     progress(event)
     return changed
-
-
-# -- the reconciler -----------------------------------------------------------------------------
-
-
-class Reconciled(Protocol):
-    """How the reconciler reports the end of an execution a job handed over."""
-
-    def progress(self, row: ExecutionRow, data: dict[str, Any]) -> None: ...
-
-    def succeeded(self, row: ExecutionRow, data: dict[str, Any]) -> None: ...
-
-    def failed(self, row: ExecutionRow, message: str, reason: str) -> None: ...
-
-
-def reconcile(
-    rt: Runtime, report: Reconciled, *, grace_s: float, limit: int, budget_s: float
-) -> dict[str, int]:
-    """One pass over executions still running past their job's deadline (and ``grace_s``, so
-    a job's last read is not raced): read each from n8n, record and report what changed.
-
-    Counts what it did: ``success``, ``failed``, ``unknown`` (unreadable, reported unknown),
-    ``running`` (still going), ``unreachable`` (n8n did not answer; next pass), ``raced``.
-    """
-    counts: Counter[str] = Counter()
-    if rt.client is None:
-        return {}
-    client = rt.client
-    rows = executions.due_for_reconcile(
-        rt.engine, before=rt.now() - timedelta(seconds=grace_s), limit=limit
-    )
-    started = time.monotonic()
-    for index, row in enumerate(rows):
-        if time.monotonic() - started > budget_s:
-            counts["left"] += len(rows) - index
-            break
-        try:
-            execution = _read(rt, client, row)
-        except CircuitOpen:
-            counts["left"] += len(rows) - index  # n8n is down: the next pass tries again
-            break
-        except Retryable as exc:
-            log.warning("reconcile: n8n execution %s unreadable: %s", row.n8n_execution_id, exc)
-            counts["unreachable"] += 1
-            continue
-        except TriggerOutcomeUnknown as exc:
-            after = executions.get(rt.engine, row.job_id)
-            if after is not None and after.status == OUTCOME_UNKNOWN:
-                report.failed(after, str(exc), TriggerOutcomeUnknown.reason)
-            counts["unknown"] += 1
-            continue
-        observed = _observe(rt, row, execution, lambda data, r=row: report.progress(r, data))
-        if observed is None:
-            counts["raced"] += 1
-        elif observed.status == "success":
-            report.succeeded(observed, result_data(observed))
-            counts["success"] += 1
-        elif observed.finished:
-            report.failed(observed, failure_message(observed), WorkflowFailed.reason)
-            counts["failed"] += 1
-        else:
-            counts["running"] += 1
-    return dict(counts)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -562,13 +498,13 @@ def _json(value: Any) -> str:
 __all__ = [
     "RECONCILER",
     "FollowSettings",
-    "Reconciled",
     "Runtime",
     "configured",
     "episode_fields",
     "execute",
     "failure_message",
+    "observe",
     "poll_delay",
-    "reconcile",
+    "read_execution",
     "result_data",
 ]

@@ -227,7 +227,9 @@ class Batcher:
 
     # -- messages in
 
-    def on_message(self, message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any):
+    def on_message(
+        self, message: Any, body: Any, ack: Any, reject: Any, *_: Any, **__: Any
+    ) -> None:
         """Celery's task-strategy call for one message. Raising ``InvalidTaskError`` (or the
         decoding errors ``message.payload`` raises) makes the consumer dead-letter it."""
         decoded = message.payload
@@ -299,7 +301,12 @@ class Batcher:
         self._apply(batch, _run_batch, args, self._on_result, self._on_crash)
 
     def _apply(
-        self, batch: list[_Held], target: Any, args: tuple, on_result: Any, on_crash: Any
+        self,
+        batch: list[_Held],
+        target: Any,
+        args: tuple[Any, ...],
+        on_result: Any,
+        on_crash: Any,
     ) -> None:
         try:
             self._pool.apply_async(
@@ -345,11 +352,11 @@ class Batcher:
             by_channel.setdefault(id(delivery.message.channel), []).append(delivery)
         for group in by_channel.values():
             acks = {id(d.message): d.ack for d in group}
-            celery_internals.bulk_ack(
-                [d.message for d in group],
-                lambda message, acks=acks: acks[id(message)](log, self._errors),
-                what=self.task_name,
-            )
+
+            def ack_one(message: Any, acks: dict[int, Any] = acks) -> None:
+                acks[id(message)](log, self._errors)
+
+            celery_internals.bulk_ack([d.message for d in group], ack_one, what=self.task_name)
 
     def _on_crash(self, batch: list[_Held], exc_info: Any) -> None:
         """The pool process running the batch died, or was killed at the hard time limit."""

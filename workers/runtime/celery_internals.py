@@ -58,7 +58,7 @@ def bulk_ack(messages: Sequence[Any], ack_one: Callable[[Any], None], *, what: s
     try:
         with qos.pipe_or_acquire() as pipe:
             for message in messages:
-                qos._remove_from_indices(message.delivery_tag, pipe)
+                qos._remove_from_indices(message.delivery_tag, pipe)  # type: ignore[no-untyped-call]
             pipe.execute()
     except Exception as exc:
         log.warning("%s: bulk acknowledgement failed (%r)", what, exc)
@@ -66,7 +66,7 @@ def bulk_ack(messages: Sequence[Any], ack_one: Callable[[Any], None], *, what: s
             ack_one(message)
         return
     for message in messages:  # what message.ack() does besides the Redis writes
-        virtual_base.QoS.ack(qos, message.delivery_tag)
+        virtual_base.QoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]
         message._state = "ACK"
 
 

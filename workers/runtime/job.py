@@ -80,7 +80,7 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
             return _run(task, ctx, fn, payload)
 
         # max_retries=None: Celery must not cap retries on its own; _run counts them.
-        return app.task(  # type: ignore[no-any-return]
+        return app.task(
             name=name, bind=True, base=JobTask, max_retries=None, family=family, **task_options
         )(run)
 

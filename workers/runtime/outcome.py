@@ -131,7 +131,8 @@ def retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
         },
     )
     # throw=False: Celery's Retry comes back to be raised by the caller, outside its try.
-    return task.retry(countdown=delay, throw=False)
+    retry: Exception = task.retry(countdown=delay, throw=False)
+    return retry
 
 
 def defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> Exception:
@@ -154,7 +155,8 @@ def defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> E
         queue=delivery.get("routing_key"),
         priority=delivery.get("priority"),
     )
-    return Ignore()
+    ignore: Exception = Ignore()
+    return ignore
 
 
 def _store(job_id: str, result: Any, state: str, *, raise_errors: bool = False) -> None:

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 from psycopg2.extras import execute_values
-from sqlalchemy import Engine, and_, delete, func, select, tuple_
+from sqlalchemy import Engine, Table, and_, delete, func, select, tuple_
 
 from conveyor.schemas.episodes import EpisodePayload
 from workers.store.models import EpisodicLog
@@ -137,7 +137,7 @@ def _insert_part(conn: Any, rows: Sequence[Row], where: list[int], result: Inser
 
 # --- Reading back -----------------------------------------------------------------------------
 
-_TABLE = EpisodicLog.__table__
+_TABLE = cast(Table, EpisodicLog.__table__)
 _c = _TABLE.c
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from workers.store.models import WorkflowExecution
@@ -32,7 +32,7 @@ FOLLOWING: frozenset[str] = frozenset({"new", "running", "waiting", "unknown"})
 #: n8n's end statuses, plus ours for a run we will never learn about.
 FINISHED: frozenset[str] = frozenset({"success", "error", "canceled", "crashed", OUTCOME_UNKNOWN})
 
-_table = WorkflowExecution.__table__
+_table = cast(Table, WorkflowExecution.__table__)
 _c = _table.c
 
 

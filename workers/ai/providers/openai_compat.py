@@ -232,10 +232,12 @@ def _completion(
     started: float,
     ttft: float | None,
 ) -> Completion:
-    prompt = usage.get("prompt_tokens") if usage else None
-    completion = usage.get("completion_tokens") if usage else None
-    estimated = not (isinstance(prompt, int) and isinstance(completion, int))
-    if estimated:
+    reported_prompt = usage.get("prompt_tokens") if usage else None
+    reported_completion = usage.get("completion_tokens") if usage else None
+    if isinstance(reported_prompt, int) and isinstance(reported_completion, int):
+        estimated, prompt, completion = False, reported_prompt, reported_completion
+    else:
+        estimated = True
         prompt = estimate_prompt_tokens(request.messages)
         completion = estimate_tokens(content)
     total = usage.get("total_tokens") if usage and not estimated else None

@@ -337,7 +337,12 @@ class StreamReader:
         urllib3's own object, not a socket) is read on the calling thread instead, the
         deltas arriving as they come but a stop or the deadline noticed between chunks only.
         """
-        options = {"config": config, "request": request, "started": started, "deadline": deadline}
+        options: dict[str, Any] = {
+            "config": config,
+            "request": request,
+            "started": started,
+            "deadline": deadline,
+        }
         sock = http_internals.socket_of(response)
         try:
             if sock is None:
