@@ -21,8 +21,7 @@ _client = ClientConfig.from_env()
 
 # --- Where things live ----------------------------------------------------------------------
 
-#: Redis for events, idempotency keys and (by default) the broker and results.
-redis_url = _client.redis_url
+#: The broker and the results (by default REDIS_URL, which also holds events: workers/settings).
 broker_url = _client.broker_url
 result_backend = _client.result_backend_url
 
@@ -99,7 +98,9 @@ event_queue_expires = 60.0
 # --- Beat: one lock-holding scheduler (celery-redbeat), so two beats never both fire. --------
 beat_scheduler = "redbeat.RedBeatScheduler"
 beat_schedule = BEAT_SCHEDULE
-redbeat_redis_url = _env.text("CONVEYOR_BEAT_REDIS_URL", redis_url)
+# redbeat_redis_url (CONVEYOR_BEAT_REDIS_URL) is set by `conveyor beat` in the beat process only:
+# a setting here would show its password in Flower and `celery inspect conf`, which censor only
+# settings named like secrets and the broker/backend URLs.
 redbeat_key_prefix = "conveyor:beat:"
 #: Seconds before another beat may take over from one that stopped renewing its lock.
 redbeat_lock_timeout = _env.integer("CONVEYOR_BEAT_LOCK_TIMEOUT", 60, minimum=5)

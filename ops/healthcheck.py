@@ -168,10 +168,12 @@ def check_worker(args: argparse.Namespace) -> int:
 def check_beat(args: argparse.Namespace) -> int:
     import redis
 
+    from workers import settings
+
     app = _app()
     schedule_key = app.conf.redbeat_key_prefix + ":schedule"  # redbeat: <prefix> + ":schedule"
     try:
-        client = _redis(app.conf.redbeat_redis_url)
+        client = _redis(settings.core().beat_redis_url)
         oldest = client.zrangebyscore(schedule_key, 0, "+inf", start=0, num=1, withscores=True)
         lock_ttl = client.pttl(app.conf.redbeat_key_prefix + ":lock")
     except redis.RedisError as exc:
@@ -194,10 +196,10 @@ def check_metrics(args: argparse.Namespace) -> int:
     import redis
 
     from conveyor import keys
+    from workers import settings
 
-    app = _app()
     try:
-        written = _redis(app.conf.redis_url).hget(keys.QUEUE_METRICS, "at")
+        written = _redis(settings.core().redis_url).hget(keys.QUEUE_METRICS, "at")
     except redis.RedisError as exc:
         print(f"healthcheck: Redis unreachable: {exc}", file=sys.stderr)
         return UNHEALTHY

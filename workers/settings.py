@@ -58,6 +58,8 @@ class CoreSettings:
     env: str
     #: Redis for events, idempotency keys, breakers and rate limits.
     redis_url: str
+    #: Where celery-redbeat keeps the schedule and its lock (``CONVEYOR_BEAT_REDIS_URL``).
+    beat_redis_url: str
     #: SQLAlchemy URL of the Postgres database holding episodes, executions and dead letters.
     database_url: str
     #: Postgres connections one worker process keeps open, and may add under a burst. Multiply
@@ -97,6 +99,7 @@ def core() -> CoreSettings:
     return CoreSettings(
         env=env.text("CONVEYOR_ENV", "prod") or "prod",
         redis_url=redis_url,
+        beat_redis_url=env.text("CONVEYOR_BEAT_REDIS_URL") or redis_url,
         database_url=database_url,
         db_pool_size=env.integer("CONVEYOR_DB_POOL_SIZE", 5, minimum=1),
         db_max_overflow=env.integer("CONVEYOR_DB_MAX_OVERFLOW", 10, minimum=0),
@@ -355,6 +358,31 @@ def check_pool(name: str) -> PoolSettings:
     for section in _FAMILY_SECTIONS[name]:
         section()
     return spec
+
+
+#: Passwords that are placeholders from examples, never real ones.
+_PLACEHOLDERS = {"change_me", "changeme", "change-me", "password", "secret", "xxx"}
+
+
+def flower_authenticated() -> bool:
+    """Whether Flower is given credentials (``FLOWER_BASIC_AUTH`` or ``FLOWER_AUTH``); a
+    ``FLOWER_BASIC_AUTH`` with an empty or placeholder part is refused, naming the variable and
+    never showing a password."""
+    env = _env()
+    basic = env.raw("FLOWER_BASIC_AUTH")
+    if basic is not None:
+        for n, pair in enumerate(basic.split(","), start=1):
+            user, sep, password = pair.partition(":")
+            if not sep or not user.strip() or not password:
+                raise ConfigError(
+                    f"FLOWER_BASIC_AUTH: credential {n} must be user:password, both non-empty"
+                )
+            if password.strip().lower() in _PLACEHOLDERS:
+                raise ConfigError(
+                    f"FLOWER_BASIC_AUTH: credential {n} has a placeholder password; set a real one"
+                )
+        return True
+    return env.is_set("FLOWER_AUTH")
 
 
 def allow_unauthenticated_flower_api() -> None:

@@ -7,6 +7,7 @@ as OpenAI, llama.cpp and Ollama do, including the ways they fail.
 from __future__ import annotations
 
 import email.utils
+import json
 import socket
 import threading
 import time
@@ -698,3 +699,17 @@ def test_the_registry_shares_one_client_per_provider(registry, llm_server):
 
     changed = providers_from_env({"LLM_BASE_URL": llm_server.url, "LLM_PROVIDER": "ollama"})
     assert isinstance(registry(changed["default"]), OllamaProvider)
+
+
+@pytest.mark.parametrize("offset", [0, 440, 455, 460, 520])
+def test_a_key_echoed_in_a_long_error_never_survives_the_cut(offset):
+    """The key is redacted before the message is shortened: no prefix of it is left either."""
+    from workers.ai.providers.transport import failure_for_status, parse_error
+
+    key = "sk-" + "S3cr3tK3y" * 6
+    config = ProviderConfig(name="p", kind="openai", base_url="http://x/v1", api_key=key)
+    text = "x" * offset + f"Incorrect API key provided: {key}. " + "y" * 600
+    body = json.dumps({"error": {"message": text, "type": "invalid_request_error"}}).encode()
+    verdict = failure_for_status(config, 401, {}, parse_error(body))
+    assert key[:12] not in str(verdict)
+    assert len(str(verdict)) < 700

@@ -196,3 +196,48 @@ def test_the_client_needs_none_of_the_workers_dependencies(redis_url):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 36
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "code", "expected"),
+    [
+        ({"FLOWER_BASIC_AUTH": ":"}, (), 78, "credential 1 must be user:password"),
+        ({"FLOWER_BASIC_AUTH": "ops:pw1,admin:"}, (), 78, "credential 2 must be user:password"),
+        ({"FLOWER_BASIC_AUTH": "ops:CHANGE_ME"}, (), 78, "placeholder password"),
+        ({"CONVEYOR_ENV": "dev"}, ("--address=0.0.0.0",), 2, "localhost only, not '0.0.0.0'"),
+    ],
+)
+def test_flower_refuses_credentials_that_protect_nothing(env, argv, code, expected):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "CONVEYOR_ENV"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "flower", *argv],
+        capture_output=True,
+        text=True,
+        env={**clean, "CONVEYOR_ENV": "prod", **env},
+        timeout=60,
+    )
+    assert result.returncode == code, result.stderr
+    assert expected in result.stderr
+    assert "pw1" not in result.stderr
+
+
+def test_no_password_in_the_configuration_flower_and_inspect_show():
+    """Celery censors only settings named like secrets and the broker/backend URLs."""
+    script = (
+        "from workers.app import app; "
+        "print(repr(app.conf.humanize(with_defaults=False, censored=True)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "REDIS_URL": "redis://:s3cret-pw@127.0.0.1:6379/0",
+            "CONVEYOR_BEAT_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:6379/1",
+        },
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cret-pw" not in result.stdout
+    assert "broker_url" in result.stdout

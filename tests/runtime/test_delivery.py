@@ -10,9 +10,6 @@ from tests.support.waiting import wait_for
 from tests.support.workers import FAST_REDELIVERY
 from workers.store import dead_letters
 
-#: Short enough for a test to see a killed worker's job come back; the config's start-up
-#: check still holds (visibility > longest hard limit + retry cap).
-
 
 def _events(redis_client, job_id: str) -> list[dict]:
     entries = redis_client.xrange(keys.events_stream(job_id))

@@ -32,6 +32,9 @@ EXIT_UNAVAILABLE = 4
 #: dev stack's supervisor does not restart a process that exits with it.
 EXIT_CONFIG = 78
 
+#: Addresses only this machine can reach.
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -138,9 +141,11 @@ def _worker(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _beat(args: argparse.Namespace, rest: list[str]) -> int:
+    from workers import settings
     from workers.app import app
 
     app.conf.include = ()  # beat sends by name: it needs no task code
+    app.conf.redbeat_redis_url = settings.core().beat_redis_url
     app.start(["beat", "--loglevel=INFO", *rest])
     return 0
 
@@ -149,13 +154,25 @@ def _flower(args: argparse.Namespace, rest: list[str]) -> int:
     from workers import settings
     from workers.app import app
 
+    address = args.address
+    for n, arg in enumerate(rest):  # an --address among the extra args wins, as in Flower
+        if arg.startswith("--address="):
+            address = arg.split("=", 1)[1]
+        elif arg == "--address" and n + 1 < len(rest):
+            address = rest[n + 1]
     flower_args = [f"--port={args.port}", f"--address={args.address}"]
-    env = Env()
-    has_auth = env.is_set("FLOWER_BASIC_AUTH") or env.is_set("FLOWER_AUTH")
+    has_auth = settings.flower_authenticated()
     if settings.core().env != "dev" and not has_auth:
         print(
             "conveyor flower: set FLOWER_BASIC_AUTH=user:password (or FLOWER_AUTH with an "
             "OAuth provider) outside dev mode (CONVEYOR_ENV=dev)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if not has_auth and address not in _LOOPBACK:
+        print(
+            f"conveyor flower: without authentication Flower listens on localhost only, not "
+            f"{address!r}: set FLOWER_BASIC_AUTH to listen there",
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT

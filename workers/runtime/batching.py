@@ -315,9 +315,37 @@ class Batcher:
                 callback=functools.partial(self._in_loop, on_result, batch),
                 error_callback=functools.partial(self._in_loop, on_crash, batch),
             )
-        except Exception:
-            log.exception("%s: could not hand a batch to the pool", self.task_name)
+        except Exception as exc:
+            self._refused_by_pool(batch, target, args, exc)
+
+    def _refused_by_pool(
+        self, batch: list[_Held], target: Any, args: tuple[Any, ...], exc: Exception
+    ) -> None:
+        """The pool would not take the work (a record it cannot pickle, nested too deep):
+        split the batch until the record it chokes on is alone, and dead-letter that one here,
+        in the consumer. Never give it back whole: it would come straight back, for ever."""
+        if not self._pool.active:  # shutting down: every message goes back to the queue
             self._give_back(batch)
+            return
+        what = f"{type(exc).__name__}: {exc}"[:300]
+        if len(batch) > 1:
+            log.warning(
+                "%s: the pool refused a batch of %d (%s); handing its halves apart",
+                self.task_name,
+                len(batch),
+                what,
+            )
+            middle = len(batch) // 2
+            self._dispatch(batch[:middle])
+            self._dispatch(batch[middle:])
+            return
+        (held,) = batch
+        if target is _fail_item:  # the dead letter itself could not go: write it from here
+            _, item, reason, error, attempts = args
+        else:
+            item, reason, attempts = held.item, "poison", held.attempt + held.crashes + 1
+            error = f"the worker's pool could not take this record: {what}"
+        self._settle([held], _fail_item(self.task_name, item, reason, error, attempts))
 
     def _on_result(self, batch: list[_Held], result: tuple[str, Any]) -> None:
         status, value = result

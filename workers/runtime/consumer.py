@@ -1,9 +1,14 @@
-"""The worker's message consumer, changed in one way: a message it refuses is dead-lettered.
+"""The worker's message consumer, changed in one way: no message can stop it, and a message
+it refuses is dead-lettered.
 
 Celery acknowledges and drops a message it cannot decode (a pickled one: we accept JSON only),
-one naming a task this worker does not know, and one that is malformed. Dropped would be lost;
-instead each lands in ``dead_letters`` with why, ready to inspect. The body is kept as base64
-text and never decoded.
+one naming a task this worker does not know, one with no task header, and one that is
+malformed in a way it checks. Dropped would be lost; instead each lands in ``dead_letters``
+with why, ready to inspect, and its job gets a failed result. A message malformed in a way
+Celery does not check (a body that is not ``[args, kwargs, embed]``, an ``embed`` that is not
+an object, a body nested too deep to handle) makes Celery's handler raise inside the consumer,
+which would stop the worker and leave the message to stop the next one: here it is refused
+the same way. The body is kept as base64 text and never decoded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,36 @@ log = logging.getLogger(__name__)
 
 
 class Consumer(CeleryConsumer):
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                problem = _shape_problem(message)
+                if problem is not None:
+                    _dead_letter(message, "poison", f"malformed task message: {problem}")
+                    message.reject_log_error(log, self.connection_errors)
+                    return None
+                return handle(message)
+            except Exception as exc:  # a malformed message must never stop the worker
+                self._refuse(message, exc)
+                return None
+
+        return on_task_received
+
+    def _refuse(self, message: Any, exc: Exception) -> None:
+        """Dead-letter a message Celery's handler choked on, then drop it from the queue."""
+        if getattr(message, "acknowledged", False):  # it got as far as being settled
+            log.warning("a settled message raised in the consumer: %r", exc)
+            return
+        described = f"{type(exc).__name__}: {exc}"[:500]
+        _dead_letter(message, "poison", f"malformed task message: {described}")
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        _dead_letter(message, "poison", "malformed message: it names no task")
+        super().on_unknown_message(body, message)
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         _dead_letter(message, "refused", f"message refused ({message.content_type}): {exc}")
         super().on_decode_error(message, exc)
@@ -39,6 +74,32 @@ class Consumer(CeleryConsumer):
         else:
             _dead_letter(message, "poison", f"malformed task message: {exc}")
         super().on_invalid_task(body, message, exc)
+
+
+def _shape_problem(message: Any) -> str | None:
+    """What is wrong with a task message's body (protocol 2: ``[args, kwargs, embed]``), or
+    None. Celery checks none of it before the pool, where a wrong shape fails outside the task
+    (no dead letter) or raises in the consumer. Decoding it here costs nothing more: Celery
+    decodes the body in the consumer too, and kombu keeps the result."""
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None  # protocol 1, or no task at all: Celery's own handling
+    try:
+        body = message.payload
+    except Exception:
+        return None  # undecodable: Celery's decode-error path refuses it
+    if isinstance(body, dict):
+        return None  # protocol 1 body
+    if not isinstance(body, list | tuple) or len(body) != 3:
+        return "the body is not [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict):
+        return f"kwargs is a {type(kwargs).__name__}, not an object"
+    if embed is not None and not isinstance(embed, dict):
+        return f"embed is a {type(embed).__name__}, not an object"
+    return None
 
 
 def _dead_letter(message: Any, reason: str, error: str) -> None:

@@ -49,18 +49,29 @@ class JobTask(Task):
     family = ""
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, JobFailed):  # ended through runtime.outcome already
+            return
         if isinstance(exc, TimeLimitExceeded):
-            outcome.fail(
-                task_id,
-                self.name,
-                args[0] if args else None,
-                outcome.Ending(
-                    "timeout", f"killed at the hard time limit ({exc})", self.request.retries + 1
-                ),
-                queue=(self.request.delivery_info or {}).get("routing_key"),
-                family=self.family,
-                store_result=False,
+            ending = outcome.Ending(
+                "timeout", f"killed at the hard time limit ({exc})", self.request.retries + 1
             )
+        else:  # raised before _run could look at it: a message Celery could not apply
+            ending = outcome.Ending(
+                "poison", f"malformed task message: {type(exc).__name__}: {exc}", 1
+            )
+        try:
+            raw_payload = _Arguments(tuple(args or ()), dict(kwargs or {})).raw_payload
+        except (TypeError, ValueError):  # args or kwargs of the wrong type altogether
+            raw_payload = {"args": repr(args)[:10_000], "kwargs": repr(kwargs)[:10_000]}
+        outcome.fail(
+            task_id,
+            self.name,
+            raw_payload,
+            ending,
+            queue=(self.request.delivery_info or {}).get("routing_key"),
+            family=self.family,
+            store_result=False,
+        )
 
 
 def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction], Task]:
@@ -69,7 +80,7 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
 
     def register(fn: JobFunction) -> Task:
         @functools.wraps(fn)
-        def run(task: Task, payload: Any) -> dict[str, Any]:
+        def run(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             ctx = JobContext(
                 job_id=task.request.id,
                 task_name=name,
@@ -77,20 +88,54 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
                 family=family,
                 hostname=task.request.hostname or "",
             )
-            return _run(task, ctx, fn, payload)
+            # Anything a raw message carries arrives here: the shape is checked in _run, so a
+            # wrong one is poison with a dead letter, not a TypeError in Celery's tracer.
+            return _run(task, ctx, fn, _Arguments(args, kwargs))
 
         # max_retries=None: Celery must not cap retries on its own; _run counts them.
+        # throws: a job that failed for good is expected, not a crash: Celery records the
+        # failure without an ERROR line and a traceback (outcome.fail logged it once).
         return app.task(
-            name=name, bind=True, base=JobTask, max_retries=None, family=family, **task_options
+            name=name,
+            bind=True,
+            base=JobTask,
+            max_retries=None,
+            family=family,
+            throws=(JobFailed,),
+            **task_options,
         )(run)
 
     return register
 
 
-def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict[str, Any]:
+class _Arguments:
+    """What a message's args and kwargs held: a job takes exactly one payload."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def raw_payload(self) -> Any:
+        """The payload as received (for its dead letter), or everything when it is not one."""
+        if len(self.args) == 1 and not self.kwargs:
+            return self.args[0]
+        return {"args": list(self.args), "kwargs": self.kwargs}
+
+    def check(self) -> None:
+        if len(self.args) != 1 or self.kwargs:
+            raise Poison(
+                "a job takes its payload (a JSON object) as its only argument; this message "
+                f"has {len(self.args)} argument(s) and keyword arguments {sorted(self.kwargs)}"
+            )
+
+
+def _run(task: Task, ctx: JobContext, fn: JobFunction, arguments: _Arguments) -> dict[str, Any]:
     core = settings.core()
+    raw_payload = arguments.raw_payload
     try:
         _check_delivery(ctx, core.max_deliveries)
+        arguments.check()
         payload = _validate(ctx.task_name, raw_payload, core.max_payload_bytes)
         ctx.emit_soon("start", {"task": ctx.task_name, "attempt": ctx.attempt + 1})
         data = fn(ctx, payload)
@@ -116,7 +161,19 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, raw_payload: Any) -> dict
             store_result=False,  # Celery stores the failure of the JobFailed raised here
         )
         raise JobFailed(ending.error) from None
-    ctx.emit("complete", data, type="complete")
+    return complete(ctx, data)
+
+
+def complete(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
+    """The job's work is done: its ``*_complete`` event, then its success envelope. The work
+    is never turned into a failure afterwards: an event Redis refuses is logged, and the
+    envelope (which Celery stores as the result) still says what the job did."""
+    try:
+        ctx.emit("complete", data, type="complete")
+    except Exception as exc:
+        log.warning(
+            "job %s (%s) done, its complete event not published: %r", ctx.job_id, ctx.task_name, exc
+        )
     return result_envelope(ctx.job_id, success=True, data=data)
 
 

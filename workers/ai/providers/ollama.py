@@ -24,7 +24,7 @@ from workers.ai.providers.base import (
     estimate_tokens,
 )
 from workers.ai.providers.reader import ParserBase, StreamParser
-from workers.ai.providers.transport import HTTPStreamingProvider, redact
+from workers.ai.providers.transport import HTTPStreamingProvider, safe_message
 from workers.failures import Retryable
 
 #: Bytes of one NDJSON line we accept; more without a newline means a broken server.
@@ -73,9 +73,9 @@ class ChatLinesParser(ParserBase):
         for line in lines:
             if not line.strip():
                 continue
-            payload = _json_line(name, line)
+            payload = _json_line(name, line, self.config.api_key)
             if payload.get("error"):
-                message = redact(str(payload["error"]), self.config.api_key)
+                message = safe_message(str(payload["error"]), self.config.api_key)
                 raise Retryable(f"{name} failed mid-stream: {message}")
             message_part = payload.get("message") or {}
             text = message_part.get("content") if isinstance(message_part, dict) else None
@@ -96,13 +96,15 @@ class ChatLinesParser(ParserBase):
         )
 
 
-def _json_line(name: str, line: bytes) -> dict[str, Any]:
+def _json_line(name: str, line: bytes, secret: str | None) -> dict[str, Any]:
     try:
         payload = json.loads(line)
     except ValueError:
-        raise Retryable(f"{name}: malformed JSON in a stream line: {line[:200]!r}") from None
+        shown = safe_message(line.decode("utf-8", "replace"), secret)[:200]
+        raise Retryable(f"{name}: malformed JSON in a stream line: {shown!r}") from None
     if not isinstance(payload, dict):
-        raise Retryable(f"{name}: a stream line is not a JSON object: {line[:200]!r}")
+        shown = safe_message(line.decode("utf-8", "replace"), secret)[:200]
+        raise Retryable(f"{name}: a stream line is not a JSON object: {shown!r}")
     return payload
 
 

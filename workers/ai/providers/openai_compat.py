@@ -28,6 +28,7 @@ from workers.ai.providers.transport import (
     HTTPStreamingProvider,
     ServerError,
     failure_in_stream,
+    safe_message,
 )
 from workers.failures import Retryable
 
@@ -129,7 +130,7 @@ class ChatStreamParser(ParserBase):
             if text.strip() == "[DONE]":
                 self.done = True
                 return
-            payload = _json_chunk(name, text)
+            payload = _json_chunk(name, text, self.config.api_key)
             error = payload.get("error")
             if error or event == "error":
                 raise failure_in_stream(self.config, _stream_error(error, text))
@@ -177,7 +178,7 @@ class WholeAnswerParser(ParserBase):
 
     def finish(self, emit: Callable[[str], None]) -> Completion:
         name = self.config.name
-        payload = _json_chunk(name, self._body.decode("utf-8", "replace"))
+        payload = _json_chunk(name, self._body.decode("utf-8", "replace"), self.config.api_key)
         if payload.get("error"):
             raise failure_in_stream(self.config, _stream_error(payload["error"], ""))
         choices = payload.get("choices") or []
@@ -200,13 +201,15 @@ class WholeAnswerParser(ParserBase):
         )
 
 
-def _json_chunk(name: str, data: str) -> dict[str, Any]:
+def _json_chunk(name: str, data: str, secret: str | None) -> dict[str, Any]:
     try:
         payload = json.loads(data)
     except ValueError:
-        raise Retryable(f"{name}: malformed JSON in a stream chunk: {data[:200]!r}") from None
+        shown = safe_message(data, secret)[:200]
+        raise Retryable(f"{name}: malformed JSON in a stream chunk: {shown!r}") from None
     if not isinstance(payload, dict):
-        raise Retryable(f"{name}: a stream chunk is not a JSON object: {data[:200]!r}")
+        shown = safe_message(data, secret)[:200]
+        raise Retryable(f"{name}: a stream chunk is not a JSON object: {shown!r}")
     return payload
 
 
@@ -220,7 +223,7 @@ def _stream_error(error: Any, data: str) -> ServerError:
         )
     if isinstance(error, str):
         return ServerError(message=error)
-    return ServerError(message=data[:500] or "an error occurred during streaming")
+    return ServerError(message=data or "an error occurred during streaming")
 
 
 def _completion(

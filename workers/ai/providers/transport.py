@@ -141,29 +141,31 @@ class _NoCookies(DefaultCookiePolicy):
 
 def parse_error(body: bytes | str | Any) -> ServerError:
     """Reads an error in any of the shapes servers use: OpenAI's ``{"error": {...}}``,
-    Ollama's ``{"error": "..."}``, a framework's ``{"detail": ...}``, or plain text."""
+    Ollama's ``{"error": "..."}``, a framework's ``{"detail": ...}``, or plain text. The message
+    is whole (the body is already bounded): it is shortened only after a key it may echo has
+    been redacted, so no part of a key survives a cut."""
     data = body
     if isinstance(body, bytes | str):
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         try:
             data = json.loads(text)
         except ValueError:
-            return ServerError(message=_shorten(text.strip()) or "(no error message)")
+            return ServerError(message=text.strip() or "(no error message)")
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict):
             code = error.get("code")
             return ServerError(
-                message=_shorten(str(error.get("message") or "(no error message)")),
+                message=str(error.get("message") or "(no error message)"),
                 type=error.get("type") if isinstance(error.get("type"), str) else None,
                 code=code if isinstance(code, str | int) else None,
             )
         if isinstance(error, str):
-            return ServerError(message=_shorten(error))
+            return ServerError(message=error)
         for key in ("detail", "message"):
             if data.get(key):
-                return ServerError(message=_shorten(str(data[key])))
-    return ServerError(message=_shorten(json.dumps(data)))
+                return ServerError(message=str(data[key]))
+    return ServerError(message=json.dumps(data))
 
 
 def _shorten(text: str, limit: int = 500) -> str:
@@ -175,12 +177,17 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def safe_message(text: str, secret: str | None) -> str:
+    """An upstream's error text as we may show it: the key redacted, then shortened."""
+    return _shorten(redact(text, secret))
+
+
 def failure_for_status(
     config: ProviderConfig, status: int, headers: Mapping[str, str], error: ServerError
 ) -> Retryable | Permanent:
     """The verdict on a non-2xx answer."""
     kind = f" {error.label()}" if error.label() else ""
-    message = redact(error.message, config.api_key)
+    message = safe_message(error.message, config.api_key)
     if status == 429 and "insufficient_quota" in error.kinds():
         return Permanent(
             f"{config.name} has no quota left (HTTP 429 insufficient_quota): {message}"
@@ -196,7 +203,7 @@ def failure_in_stream(config: ProviderConfig, error: ServerError) -> Retryable |
     """The verdict on an error that arrived inside a 200 stream: retryable unless it clearly
     blames the request (the server may well have broken under us)."""
     kind = f" ({error.label()})" if error.label() else ""
-    text = f"{config.name} failed mid-stream{kind}: {redact(error.message, config.api_key)}"
+    text = f"{config.name} failed mid-stream{kind}: {safe_message(error.message, config.api_key)}"
     return Permanent(text) if error.is_client_error() else Retryable(text)
 
 
