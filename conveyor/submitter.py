@@ -224,11 +224,19 @@ class Submitter:
             for i, prior in enumerate(existing)
         ]
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str) -> str:
         """Ask a job to stop: a queued one is skipped when it comes up, a streaming generation
         stops within a fraction of a second; either ends with an ``error`` event (reason
-        ``cancelled``). A job that already finished is not affected."""
-        self.redis.set(keys.cancel(job_id), "1", ex=self.config.idempotency_ttl_s)
+        ``cancelled``). Returns ``"finished"`` for a job that already ended (nothing is
+        changed), ``"running"`` for one that has started, ``"not started"`` for one that has
+        not (queued, or unknown to this broker: the two look alike)."""
+        if self.job(job_id).status() in ("SUCCESS", "FAILURE"):
+            return "finished"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.cancel(job_id), "1", ex=self.config.idempotency_ttl_s)
+        pipe.exists(keys.events_stream(job_id))
+        _, started = pipe.execute()
+        return "running" if started else "not started"
 
     def job(self, job_id: str, task: str = "") -> Job:
         """A handle on a job submitted earlier (by any process)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,6 +200,9 @@ def _dev(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _submit(args: argparse.Namespace, rest: list[str]) -> int:
+    import redis
+    from celery.exceptions import BackendError
+
     from conveyor import ConveyorError, PayloadError, UnknownTaskError
 
     try:
@@ -222,30 +226,53 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"conveyor submit: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     print(job.id, flush=True)
-    if args.follow:
-        for event in job.events(timeout=args.timeout):
-            _print_json(event)
     if not (args.wait or args.follow):
         return EXIT_OK
+    deadline = time.monotonic() + args.timeout  # one budget for the events and the result
     try:
-        envelope = job.result(timeout=args.timeout)
-    except TimeoutError as exc:
-        print(f"conveyor submit: {exc}", file=sys.stderr)
+        if args.follow:
+            for event in job.events(timeout=args.timeout):
+                _print_json(event)
+        envelope = job.result(timeout=max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        print(
+            f"conveyor submit: job {job.id} did not finish within {args.timeout:g} s",
+            file=sys.stderr,
+        )
         return EXIT_TIMEOUT
+    except (redis.RedisError, OSError, RuntimeError, BackendError) as exc:
+        # RuntimeError: Celery's result consumer gives up reconnecting ("must be restarted").
+        print(f"conveyor submit: lost Redis while waiting for job {job.id}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     if args.wait:
         _print_json(envelope)
     return EXIT_OK if envelope["success"] else EXIT_JOB_FAILED
 
 
 def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
-    _submitter().cancel(args.job_id)
-    print(f"cancel requested for {args.job_id}")
+    """Exit 0 when the stop was asked for, 1 when the job had already finished."""
+    state = _submitter().cancel(args.job_id)
+    if state == "finished":
+        print(
+            f"conveyor cancel: job {args.job_id} already finished: nothing to cancel",
+            file=sys.stderr,
+        )
+        return EXIT_JOB_FAILED
+    if state == "running":
+        print(f"cancel requested for {args.job_id} (running: it stops shortly)")
+    else:
+        print(
+            f"cancel requested for {args.job_id} (not started: queued, or unknown to this "
+            "broker; it is skipped if it comes up)"
+        )
     return EXIT_OK
 
 
 def _episodes(args: argparse.Namespace, rest: list[str]) -> int:
     """Episodes on stdout, one JSON object a line; the next page's cursor on stderr as
     ``{"next_cursor": ...}`` (none after the last page)."""
+    import sqlalchemy.exc
+
     from workers.runtime.connections import engine
     from workers.store.episodes import BadCursor, parse_time, query_episodes
 
@@ -270,6 +297,10 @@ def _episodes(args: argparse.Namespace, rest: list[str]) -> int:
     except (BadCursor, ValueError) as exc:
         print(f"conveyor episodes: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"conveyor episodes: the database is unreachable: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     if cursor is not None:
         print(json.dumps({"next_cursor": cursor}), file=sys.stderr)
     return EXIT_OK

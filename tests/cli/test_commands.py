@@ -1,0 +1,69 @@
+"""Everyday trips of the `conveyor` command, tried as a new user would: each ends in one line
+that says what happened and an exit code a script can use, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+
+def _conveyor(*argv: str, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def test_cancel_says_whether_there_was_anything_to_stop(workers, submitter):
+    unknown = _conveyor("cancel", str(uuid.uuid4()))
+    assert unknown.returncode == 0
+    assert "not started: queued, or unknown to this broker" in unknown.stdout
+    workers.start("maintenance")
+    job = submitter.submit("maintenance.ping", {"message": "done soon"})
+    assert job.result(timeout=30)["success"] is True
+    finished = _conveyor("cancel", job.id)
+    assert finished.returncode == 1
+    assert "already finished: nothing to cancel" in finished.stderr
+
+
+def test_follow_with_a_timeout_waits_that_long_in_all():
+    """Nobody consumes the queue: `--follow --timeout 2` gives up after ~2 s, not 4."""
+    started = time.monotonic()
+    result = _conveyor(
+        "submit", "maintenance.ping", "--data", '{"message": "nobody home"}',
+        "--follow", "--timeout", "2",
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode == 3, result.stderr
+    assert "did not finish within 2 s" in result.stderr
+    assert took < 3.9, took
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("--cursor", "WzEsMWU0MDBd"), "not a cursor from this listing"),  # [1,1e400]
+        (("--since", "99999999999d"), "reaches before the year 1"),
+        (("--search", " ".join(["word"] * 20_000)), "search must be at most 32 words"),
+    ],
+)
+def test_episodes_refuses_what_it_cannot_use_in_one_line(argv, expected):
+    result = _conveyor("episodes", *argv)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_episodes_with_the_database_down_is_unavailable_not_a_traceback():
+    result = _conveyor("episodes", env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
+    assert result.returncode == 4, result.stderr
+    assert "the database is unreachable" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
