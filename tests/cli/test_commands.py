@@ -3,6 +3,7 @@ that says what happened and an exit code a script can use, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,19 @@ def test_episodes_with_the_database_down_is_unavailable_not_a_traceback():
     assert result.returncode == 4, result.stderr
     assert "the database is unreachable" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_submit_wait_of_an_episode_returns_its_envelope_once_the_row_is_written(workers):
+    workers.start("episodes")
+    started = time.monotonic()
+    result = _conveyor(
+        "submit", "episodes.record", "--data", '{"user_id": "u-wait", "model_type": "m"}',
+        "--wait", "--timeout", "30",
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    job_id, envelope = result.stdout.strip().splitlines()
+    envelope = json.loads(envelope)
+    assert envelope["success"] is True and envelope["request_id"] == job_id
+    assert envelope["data"] == {"episode_id": f"job:{job_id}", "written": True}
+    assert took < 10, took

@@ -22,7 +22,7 @@ from conveyor.schemas.episodes import EpisodePayload
 from workers import settings
 from workers.episodes.outbox import episode_id_for
 from workers.failures import Retryable, classify
-from workers.runtime import connections
+from workers.runtime import connections, outcome
 from workers.runtime.context import BatchContext, Item, Verdict
 from workers.store.episodes import episode_row, insert_episodes
 
@@ -39,6 +39,7 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
     max_bytes = settings.core().max_payload_bytes
     retry: list[int] = []
     rows: list[tuple[Any, ...]] = []
+    rows_ids: list[str] = []
     where: list[int] = []
     for i, item in enumerate(items):
         try:
@@ -51,6 +52,7 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
             continue
         episode_id = payload.episode_id or episode_id_for(item.job_id)
         rows.append(episode_row(payload, episode_id=episode_id))
+        rows_ids.append(episode_id)
         where.append(i)
     if not rows:
         return Verdict(retry=tuple(retry), reason="could not dead-letter")
@@ -68,6 +70,14 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
         _fail(
             ctx, items[where[j]], "permanent", f"Postgres refused the row: {error}", where[j], retry
         )
+    seen = set(result.duplicates)
+    # Each written (or already written) record's result: `Job.result()` and `--wait` see it.
+    outcome.settle_quietly(
+        [
+            (items[where[j]].job_id, {"episode_id": rows_ids[j], "written": j not in seen})
+            for j in sorted([*result.inserted, *result.duplicates])
+        ]
+    )
     level = logging.INFO if result.duplicates or result.rejected else logging.DEBUG
     log.log(
         level,

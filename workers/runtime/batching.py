@@ -29,9 +29,10 @@ What each message still gets, as with ``workers.runtime.job.job``:
   permanent error is split the same way, and the one record it belongs to is dead-lettered
   (its siblings in a packed message are settled on their own).
 
-What a batched message does not get, on purpose: per-message start/complete events and a
-success result. At thousands of messages a second those would cost Redis more than the work
-itself (each event is a stream, a counter and a publish, kept a day; each result a key).
+What a batched message does not get, on purpose: per-message start/complete events. At
+thousands of messages a second those would cost Redis more than the work itself (each event is
+a stream, a counter and a publish, kept a day). A batch function may store its records' success
+results in one round trip (``runtime.outcome.settle_quietly``: the episodes writer does).
 Failures keep both. Nor do Flower or ``celery inspect`` list batched messages one by one;
 the worker's ``total`` count (what ``ops/healthcheck.py`` reads) does include them (a record
 each).

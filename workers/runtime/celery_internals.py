@@ -20,16 +20,18 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from celery import Task
+from celery import Task, states
+from celery.backends.redis import RedisBackend
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual_base
 
-__all__ = ["FenceBroken", "bulk_ack", "check", "count_started"]
+__all__ = ["FenceBroken", "bulk_ack", "check", "count_started", "store_successes"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,34 @@ def bulk_ack(messages: Sequence[Any], ack_one: Callable[[Any], None], *, what: s
         message._state = "ACK"
 
 
+def store_successes(app: Any, results: Sequence[tuple[str, Any]]) -> None:
+    """Store SUCCESS for many tasks: one pipelined round trip on Celery's Redis backend, each
+    written and published as ``RedisBackend._set`` does (the meta is the backend's documented
+    result format); one ``store_result`` each elsewhere."""
+    backend = app.backend
+    client = getattr(backend, "client", None)
+    if not isinstance(backend, RedisBackend) or client is None:
+        for task_id, result in results:
+            backend.store_result(task_id, result, states.SUCCESS)
+        return
+    done = datetime.now(UTC).isoformat()
+    with client.pipeline(transaction=False) as pipe:
+        for task_id, result in results:
+            meta = {
+                "status": states.SUCCESS,
+                "result": result,
+                "traceback": None,
+                "children": [],
+                "date_done": done,
+                "task_id": task_id,
+            }
+            key = backend.get_key_for_task(task_id)
+            value = backend.encode(meta)
+            pipe.set(key, value, ex=backend.expires or None)
+            pipe.publish(key, value)  # what a waiting AsyncResult listens for, as _set does
+        pipe.execute()
+
+
 def check() -> None:
     """Raise ``FenceBroken`` naming the first private behaviour that is gone."""
     problems: list[str] = []
@@ -102,6 +132,16 @@ def check() -> None:
     )
     need("_state" in inspect.getsource(Message.__init__), "kombu Message._state")
     need("self._state = 'ACK'" in inspect.getsource(Message.ack), "kombu Message.ack sets ACK")
+    setter = getattr(RedisBackend, "_set", None)
+    need(
+        callable(setter) and "publish" in inspect.getsource(setter),
+        "celery RedisBackend._set publishing each result to its waiters",
+    )
+    for name in ("client", "get_key_for_task", "encode", "expires"):
+        need(
+            name in inspect.getsource(RedisBackend) or hasattr(RedisBackend, name),
+            f"celery RedisBackend.{name}",
+        )
     if problems:
         raise FenceBroken(
             "Celery/kombu changed what runtime.batching relies on (see "

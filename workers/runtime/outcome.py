@@ -29,7 +29,7 @@ from conveyor.envelopes import FAMILIES, result_envelope
 from conveyor.errors import JobFailed
 from workers import settings
 from workers.failures import Cancelled, Deferred, Permanent, Retryable, compute_backoff
-from workers.runtime import connections
+from workers.runtime import celery_internals, connections
 from workers.runtime.context import JobContext
 from workers.store import dead_letters
 
@@ -104,6 +104,23 @@ def settle(job_id: str, task_name: str, family: str, data: dict[str, Any]) -> No
     envelope = result_envelope(job_id, success=True, data=data)
     _store(job_id, envelope, states.SUCCESS, raise_errors=True)
     JobContext(job_id, task_name, 0, family).emit("complete", data, type="complete")
+
+
+def settle_quietly(results: list[tuple[str, dict[str, Any]]]) -> None:
+    """Success envelopes of many jobs settled together (a batch of episodes), in one round
+    trip, so ``Job.result()`` and ``conveyor submit --wait`` see each end within moments of
+    its commit. No events (a batch writes thousands a second). Best effort: the work is done
+    and stays done when Redis refuses its envelopes."""
+    if not results:
+        return
+    from workers.app import app
+
+    try:
+        celery_internals.store_successes(
+            app, [(job_id, result_envelope(job_id, success=True, data=d)) for job_id, d in results]
+        )
+    except Exception:
+        log.warning("could not store the results of %d settled jobs", len(results), exc_info=True)
 
 
 def retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
