@@ -58,9 +58,13 @@ worker_prefetch_multiplier = 1
 # A redelivered message whose job already stored SUCCESS (its worker died between storing the
 # result and acknowledging) is not run again: one backend read, and only on redelivery.
 worker_deduplicate_successful_tasks = True
-# When the broker connection drops, running acks_late jobs cannot be acknowledged any more and
-# will be redelivered: cancel them instead of finishing them twice.
-worker_cancel_long_running_tasks_on_connection_loss = True
+# When the broker connection drops, let running jobs finish. Cancelling them (Celery's option)
+# stores a FAILURE ("terminated") that a caller reads as the job's end, although the message
+# comes back and the job runs again (tests/faults/test_redis_restart.py). Finishing is safe:
+# the ack goes out once Redis is back (the Redis transport acknowledges on the reconnected
+# client), and if it is lost the job runs again, which is at-least-once, with effects made
+# idempotent and worker_deduplicate_successful_tasks skipping a job whose SUCCESS was stored.
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 #: Seconds a worker may hold a message unacknowledged before Redis hands it to another worker.
 #: This is also how long a job of a SIGKILLed worker waits before it runs again. It must exceed
@@ -79,6 +83,13 @@ broker_connection_max_retries = _env.integer("CONVEYOR_BROKER_MAX_RETRIES", 100,
 worker_consumer = "workers.runtime.consumer:Consumer"
 
 # --- Results --------------------------------------------------------------------------------
+#: A result that cannot be stored while Redis is away waits for it (exponential backoff, 0.1 s
+#: to 10 s, about four minutes in all) instead of turning a job that did its work into a failure
+#: (tests/faults/test_redis_restart.py). A job's hard time limit still bounds the wait.
+result_backend_always_retry = True
+result_backend_max_retries = 30
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 10_000
 #: Seconds a finished job's result envelope is kept in Redis (Redis must never have to evict).
 result_expires = _env.integer("CONVEYOR_RESULT_TTL", 86_400, minimum=60)
 #: Off: extended results repeat the job's arguments (an ai job's whole prompt) and its worker

@@ -228,7 +228,7 @@ class ClientConfig:
     @property
     def max_delay_s(self) -> float:
         """Seconds a job may be delayed (``countdown``, ``eta``): DEFAULT_LONGEST_TIME_LIMIT_S."""
-        return float(self.visibility_timeout_s - DEFAULT_LONGEST_TIME_LIMIT_S)
+        return float(max(0, self.visibility_timeout_s - DEFAULT_LONGEST_TIME_LIMIT_S))
 
     def celery_settings(self) -> dict[str, Any]:
         """The Celery settings a sending-only app needs (JSON only, the shared transport)."""

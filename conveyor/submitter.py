@@ -110,6 +110,29 @@ class Job:
                         return
 
 
+class _ClientApp(Celery):
+    """A Celery app that talks to exactly the servers of its ``ClientConfig``.
+
+    Celery reads ``CELERY_BROKER_URL`` (and ``_READ_URL``/``_WRITE_URL``) and
+    ``CELERY_RESULT_BACKEND`` from the process's environment at every use, over any
+    configuration: a service whose own Celery uses those variables would silently send
+    Conveyor's jobs to its own broker, and wait on its own backend. Here the broker comes in
+    through the connection methods and the backend through ``backend_cls``, which Celery
+    consults before its settings (``tests/client/test_config.py`` holds it to that)."""
+
+    def __init__(self, config: ClientConfig):
+        super().__init__("conveyor-submitter", set_as_current=False)
+        self._broker_url = config.broker_url
+        self.backend_cls = config.result_backend_url
+        self.conf.update(config.celery_settings())
+
+    def connection_for_write(self, url: str | None = None, **kwargs: Any) -> Any:
+        return super().connection_for_write(url or self._broker_url, **kwargs)
+
+    def connection_for_read(self, url: str | None = None, **kwargs: Any) -> Any:
+        return super().connection_for_read(url or self._broker_url, **kwargs)
+
+
 class Submitter:
     """Validates and enqueues jobs. One per process is enough; it is thread-safe."""
 
@@ -134,8 +157,7 @@ class Submitter:
         if result_backend:
             config = replace(config, result_backend=result_backend)
         self.config = config
-        self.app = Celery("conveyor-submitter", set_as_current=False)
-        self.app.conf.update(config.celery_settings())
+        self.app = _ClientApp(config)
         self.redis: redis.Redis = redis.Redis.from_url(
             config.redis_url, socket_timeout=30, socket_connect_timeout=5
         )
@@ -249,7 +271,7 @@ class Submitter:
         if eta is not None:
             now = datetime.now(eta.tzinfo) if eta.tzinfo else datetime.now()
             delay = max(delay, (eta - now).total_seconds())
-        if delay > self.config.max_delay_s:
+        if delay > 0 and delay > self.config.max_delay_s:
             raise ValueError(
                 f"a job can be delayed by at most {self.config.max_delay_s:g} s "
                 "(CONVEYOR_VISIBILITY_TIMEOUT less the longest time limit), not "

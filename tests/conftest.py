@@ -44,6 +44,16 @@ def pytest_configure(config: pytest.Config) -> None:
     upgrade(_servers.database_url)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault tests' counts: submitted, completed, lost, duplicated, dead-lettered."""
+    from tests.support import faults
+
+    if faults.RESULTS:
+        terminalreporter.section("fault suite: what each fault did to the jobs")
+        for line in faults.table():
+            terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _servers is not None:
         _servers.stop()

@@ -15,6 +15,13 @@ from conveyor.schemas.common import Payload
 from conveyor.schemas.episodes import EpisodePayload, EpisodeRetentionPayload
 from conveyor.schemas.maintenance import NoPayload, PingPayload
 from conveyor.schemas.n8n import N8nExecutePayload
+from conveyor.schemas.storable import (
+    CHECKED,
+    DEPTH,
+    compact_size,
+    format_path,
+    json_problems,
+)
 
 SCHEMAS: dict[str, type[Payload]] = {
     "ai.generate": GeneratePayload,
@@ -42,27 +49,49 @@ def schema_for(task_name: str) -> type[Payload]:
 
 
 def validate_payload(task_name: str, payload: Any, *, max_bytes: int) -> Payload:
-    """The payload as its schema's model, or ``PayloadError`` naming every bad field."""
+    """The payload as its schema's model, or ``PayloadError`` naming every bad field.
+
+    Besides the schema, every value must be JSON that workers and Postgres store as it is
+    (``conveyor.schemas.storable``): no NaN or Infinity, no NUL or lone surrogate in a string
+    or key, integers within 64 bits, at most ``MAX_DEPTH`` levels of nesting. Workers run this
+    same function on receipt, so a raw message gets the verdict a submitted one would.
+    """
     schema = schema_for(task_name)
     if not isinstance(payload, dict):
         raise PayloadError(
             task_name, [f"payload must be a JSON object, not {type(payload).__name__}"]
         )
-    try:
-        size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
-    except (TypeError, ValueError) as exc:
-        raise PayloadError(task_name, [f"payload is not JSON-serializable: {exc}"]) from None
+    size, clean = compact_size(payload)  # C speed: most payloads need nothing more
+    found = [] if clean else json_problems(payload)  # iterative: never a RecursionError
+    problems = [str(problem) for problem in found]
+    if any(problem.kind == DEPTH for problem in found):
+        raise PayloadError(task_name, problems)  # nothing recursive may look at it
+    if size is None:  # NaN, or a value json cannot write: measured as json would send it
+        try:
+            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+            size = len(text.encode("utf-8", "surrogatepass"))
+        except (TypeError, ValueError, RecursionError) as exc:
+            if found:  # the walk named what JSON cannot hold
+                raise PayloadError(task_name, problems) from None
+            raise PayloadError(task_name, [f"payload is not JSON-serializable: {exc}"]) from None
     if size > max_bytes:
-        raise PayloadError(task_name, [f"payload is {size} bytes, over the limit of {max_bytes}"])
+        problems.append(f"payload is {size} bytes, over the limit of {max_bytes}")
+        raise PayloadError(task_name, problems)
     try:
-        return schema.model_validate(payload)
+        model = schema.model_validate(payload, context=None if found else {CHECKED: True})
     except ValidationError as exc:
-        raise PayloadError(task_name, [_describe(err) for err in exc.errors()]) from None
+        errors = exc.errors()
+        # A value the schema refused too (a NaN latency_ms, a NUL in prompt) is named once.
+        refused = {tuple(err["loc"]) for err in errors}
+        extra = [str(problem) for problem in found if problem.path not in refused]
+        raise PayloadError(task_name, extra + [_describe(err) for err in errors]) from None
+    if problems:
+        raise PayloadError(task_name, problems)
+    return model
 
 
 def _describe(err: Any) -> str:
-    where = ".".join(str(part) for part in err["loc"]) or "payload"
-    return f"{where}: {err['msg']}"
+    return f"{format_path(tuple(err['loc']))}: {err['msg']}"
 
 
 __all__ = ["SCHEMAS", "schema_for", "validate_payload"]

@@ -30,9 +30,13 @@ ProviderName = Annotated[
 
 
 class Payload(BaseModel):
-    """Base of every payload: unknown fields are errors, not silently dropped."""
+    """Base of every payload: unknown fields are errors, not silently dropped; a float field
+    refuses NaN and Infinity (``"NaN"`` and ``"inf"`` as strings too), which Postgres and JSON
+    cannot hold."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=False, frozen=True, allow_inf_nan=False
+    )
 
 
 class Attribution(Payload):

@@ -241,3 +241,34 @@ def test_no_password_in_the_configuration_flower_and_inspect_show():
     assert result.returncode == 0, result.stderr
     assert "s3cret-pw" not in result.stdout
     assert "broker_url" in result.stdout
+
+
+def test_celerys_own_environment_variables_cannot_redirect_the_submitter(redis_url, redis_client):
+    """Celery reads CELERY_BROKER_URL and CELERY_RESULT_BACKEND from the environment over any
+    configuration; a service whose own Celery uses them must still reach Conveyor's Redis."""
+    script = (
+        "from conveyor import Submitter; from conveyor.config import ClientConfig\n"
+        f"s = Submitter(ClientConfig(redis_url={redis_url!r}))\n"
+        "j = s.submit('maintenance.ping', {'message': 'here'}); print(j.id)\n"
+        "print(s.app.backend.client.connection_pool.connection_kwargs['port'])\n"
+    )
+    elsewhere = "redis://127.0.0.1:1/0"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "CELERY_BROKER_URL": elsewhere,
+            "CELERY_BROKER_WRITE_URL": elsewhere,
+            "CELERY_RESULT_BACKEND": elsewhere,
+        },
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id, port = result.stdout.split()
+    assert int(port) == int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    from tests.support.queues import messages, purge
+
+    assert job_id in [m["headers"]["id"] for m in messages(redis_client, "maintenance")]
+    purge(redis_client, "maintenance")

@@ -4,9 +4,17 @@ Tests script workflows by webhook path and then talk to it over HTTP, exactly as
 talks to n8n. What is copied from n8n (see ``workers/n8n/client.py`` for the sources):
 
 - ``POST /webhook/{path}``: an unknown path answers 404 with n8n's ``code``/``message``/``hint``
-  body; a workflow that fails before answering gets ``500 {"message": "Error in workflow"}``; an
-  async workflow answers early (a Respond to Webhook node sending ``{"executionId": …}``).
-  Every call is a new execution: n8n does not de-duplicate webhooks.
+  body (a registered path called with another method: the same without ``hint``, which n8n
+  leaves out when empty); a workflow that fails before answering gets ``500 {"message": "Error
+  in workflow"}``; an async workflow answers early (a Respond to Webhook node sending
+  ``{"executionId": …}``). Every call that reaches a workflow is a new execution: n8n does not
+  de-duplicate webhooks.
+- Answers after a run (``add_no_item``, ``add_responding``): ``500 {"code": 0, "message": "No
+  item to return was found"}`` when *When last node finishes* has nothing to send, and whatever
+  status a Respond to Webhook node is configured with. Answers before any run
+  (``starting_up``, ``database_not_ready``): the ``200`` text page n8n serves while it starts
+  (``n8n is starting up. Please wait``) and ``503 {"code": 503, "message": "Database is not
+  ready!"}``, both from ``abstract-server.ts``.
 - ``GET /api/v1/executions/{id}[?includeData=true]`` with ``X-N8N-API-KEY``: 401 bodies
   ``'X-N8N-API-KEY' header required`` / ``unauthorized``, 404 ``Not Found``; the execution's
   fields as in the public API spec, and with ``includeData`` its ``data.resultData`` (``runData``
@@ -44,7 +52,14 @@ _NOT_REGISTERED_HINT = (
     "production URL calls aren't shown on the canvas (only in the executions list)"
 )
 
-Kind = Literal["sync", "slow", "async", "failing", "stall"]
+Kind = Literal["sync", "slow", "async", "failing", "stall", "no_item", "respond"]
+
+#: What n8n serves, as text/html with status 200, for any request while it starts up.
+STARTING_UP_PAGE = "n8n is starting up. Please wait"
+#: n8n's answer for any request while its database is not connected.
+DATABASE_NOT_READY = {"code": 503, "message": "Database is not ready!"}
+#: n8n 2.x's answer when "When last node finishes" has nothing to send (1.x: "…got found").
+NO_ITEM_TO_RETURN = {"code": 0, "message": "No item to return was found"}
 
 
 @dataclass
@@ -63,6 +78,10 @@ class Workflow:
     error_node: str = ""
     #: failing: answer ``{"executionId"}`` at once (else ``500 Error in workflow`` at the end).
     early: bool = True
+    #: no_item / respond: the status, body and headers answered after the run.
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
     last_node: str = "Respond to Webhook"
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12)[:16])
 
@@ -112,7 +131,8 @@ class FakeN8n:
     """The fake server. Start it (or use it as a context manager), register workflows, call it.
 
     ``calls(path)`` counts every request that reached a webhook path, including scripted
-    failures: what a test needs to prove "called exactly once".
+    failures: what a test needs to prove "called exactly once". ``runs(path)`` counts the
+    executions those requests started: what a test needs to prove "ran exactly once".
     """
 
     def __init__(self, *, api_key: str = TEST_API_KEY, host: str = "127.0.0.1"):
@@ -163,6 +183,7 @@ class FakeN8n:
         """The base URL, as ``N8N_BASE_URL`` would hold it."""
         assert self._httpd is not None, "start the fake first"
         host, port = self._httpd.server_address[:2]
+        assert isinstance(host, str), "an IPv4 address"
         return f"http://{host}:{port}"
 
     # -- scripting ------------------------------------------------------------------------------
@@ -210,6 +231,42 @@ class FakeN8n:
         """Starts a run and never answers; with ``drop_after_s``, closes the connection then."""
         return self._add(Workflow(path, "stall", delay_s=drop_after_s or math.inf))
 
+    def add_no_item(self, path: str, *, delay_s: float = 0.0, legacy: bool = False) -> Workflow:
+        """Responds *When last node finishes*, and its last node returns no item: the run
+        succeeds, then n8n answers ``500 No item to return was found`` (``legacy``: 1.x's
+        ``got found``)."""
+        body = dict(NO_ITEM_TO_RETURN)
+        if legacy:
+            body["message"] = "No item to return got found"
+        workflow = Workflow(path, "no_item", [], delay_s=delay_s, status=500, body=body)
+        return self._add(workflow)
+
+    def add_responding(
+        self,
+        path: str,
+        *,
+        status: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        delay_s: float = 0.0,
+    ) -> Workflow:
+        """A Respond to Webhook node configured with ``status``: the work before it runs (the
+        execution is counted and succeeds), then it answers ``status`` with ``body``."""
+        workflow = Workflow(
+            path, "respond", body, delay_s=delay_s, status=status, body=body, headers=headers or {}
+        )
+        return self._add(workflow)
+
+    def starting_up(self, count: int) -> None:
+        """The next ``count`` webhook calls get the page n8n serves while it starts: ``200``,
+        text/html ``n8n is starting up. Please wait``. No execution is started."""
+        self.fail_next(count, status=200, body=STARTING_UP_PAGE)
+
+    def database_not_ready(self, count: int) -> None:
+        """The next ``count`` webhook calls get ``503 Database is not ready!``, as n8n answers
+        any request while its database is not connected. No execution is started."""
+        self.fail_next(count, status=503, body=dict(DATABASE_NOT_READY))
+
     def fail_next(
         self,
         count: int,
@@ -219,8 +276,9 @@ class FakeN8n:
         headers: dict[str, str] | None = None,
         api: bool = False,
     ) -> None:
-        """The next ``count`` webhook calls (or API calls, with ``api``) answer ``status``,
-        as n8n behind a proxy does while it restarts; no execution is started."""
+        """The next ``count`` webhook calls (or API calls, with ``api``) answer ``status``
+        without reaching a workflow: no execution is started (a proxy's answer, or n8n's own
+        before it looks the webhook up)."""
         if body is None:
             body = {"code": status, "message": f"scripted {status}"}
         with self._lock:
@@ -246,6 +304,10 @@ class FakeN8n:
         """How many requests reached ``/webhook/{path}``."""
         with self._lock:
             return len(self._received.get(path, []))
+
+    def runs(self, path: str) -> int:
+        """How many executions calls to ``/webhook/{path}`` started."""
+        return len(self.executions(path))
 
     def received(self, path: str) -> list[ReceivedCall]:
         with self._lock:
@@ -290,7 +352,7 @@ class FakeN8n:
                 f"This webhook is not registered for {method} requests. "
                 "Did you mean to make a POST request?"
             )
-            handler.send(404, {"code": 404, "message": message, "hint": ""})
+            handler.send(404, {"code": 404, "message": message})  # an empty hint is left out
             return
 
         kind = workflow.kind
@@ -312,6 +374,11 @@ class FakeN8n:
                 handler.send(200, {"executionId": execution.id})
             elif not self._stopping.wait(workflow.queued_s + workflow.run_s):
                 handler.send(500, {"message": "Error in workflow"})
+        elif kind in ("no_item", "respond"):  # the run happens, then an error status
+            self._start(workflow, call, queued_s=0.0, run_s=workflow.delay_s, outcome="success")
+            if self._stopping.wait(workflow.delay_s):
+                return
+            handler.send(workflow.status, workflow.body, workflow.headers)
         else:  # stall: the run started, the answer never comes
             self._start(workflow, call, queued_s=0.0, run_s=math.inf, outcome="success")
             self._stopping.wait(None if math.isinf(workflow.delay_s) else workflow.delay_s)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from conveyor.errors import ConfigError
 from tests.fakes import n8n_server as fake_n8n
@@ -176,29 +177,158 @@ def test_unregistered_webhook_is_permanent_with_a_clear_message(
     assert not isinstance(caught.value, TriggerOutcomeUnknown)
 
 
-def test_server_error_is_retryable_and_the_retry_runs_once(n8n_server: FakeN8n, client: N8nClient):
+def test_a_webhook_registered_for_another_method_is_permanent(
+    n8n_server: FakeN8n, client: N8nClient
+):
+    message = (
+        "This webhook is not registered for POST requests. Did you mean to make a GET request?"
+    )
+    n8n_server.fail_next(1, status=404, body={"code": 404, "message": message})
+
+    with pytest.raises(Permanent, match="webhook path not registered") as caught:
+        client.trigger("hook", {}, idempotency_key="job-method")
+
+    assert not isinstance(caught.value, TriggerOutcomeUnknown)
+
+
+def test_the_fake_leaves_an_empty_hint_out_like_n8n(n8n_server: FakeN8n):
     n8n_server.add_sync("hook", {"ok": True})
-    n8n_server.fail_next(1, status=503)
 
-    with pytest.raises(Retryable, match="503"):
-        client.trigger("hook", {}, idempotency_key="job-503")
-    result = client.trigger("hook", {}, idempotency_key="job-503")
+    response = requests.get(f"{n8n_server.url}/webhook/hook", timeout=5)
 
-    assert result.body == {"ok": True}
-    assert n8n_server.calls("hook") == 2
-    assert len(n8n_server.executions("hook")) == 1
+    assert response.status_code == 404
+    assert response.json() == {
+        "code": 404,
+        "message": "This webhook is not registered for GET requests. "
+        "Did you mean to make a POST request?",
+    }
+    assert n8n_server.runs("hook") == 0
 
 
-def test_too_many_requests_is_retryable_after_the_delay_asked(
+def test_database_not_ready_is_retryable_and_the_retry_runs_once(
     n8n_server: FakeN8n, client: N8nClient
 ):
     n8n_server.add_sync("hook", {"ok": True})
-    n8n_server.fail_next(1, status=429, headers={"Retry-After": "7"})
+    n8n_server.database_not_ready(1)
 
-    with pytest.raises(Retryable) as caught:
-        client.trigger("hook", {}, idempotency_key="job-429")
+    with pytest.raises(Retryable, match="Database is not ready!") as caught:
+        client.trigger("hook", {}, idempotency_key="job-db")
+    assert not isinstance(caught.value, Permanent)
+    assert n8n_server.runs("hook") == 0  # n8n answers it before looking the webhook up
+    result = client.trigger("hook", {}, idempotency_key="job-db")
 
-    assert caught.value.delay_s == 7.0
+    assert result.body == {"ok": True}
+    assert (n8n_server.calls("hook"), n8n_server.runs("hook")) == (2, 1)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_starting_up_page_is_retryable_never_a_result(
+    n8n_server: FakeN8n, client: N8nClient, mode: str
+):
+    """n8n serves its "starting up" page with status 200: neither a sync workflow's output nor
+    an async trigger without an execution id, since no run started."""
+    if mode == "sync":
+        n8n_server.add_sync("hook", {"ok": True})
+    else:
+        n8n_server.add_async("hook", {"ok": True})
+    n8n_server.starting_up(1)
+
+    with pytest.raises(Retryable, match="starting up") as caught:
+        client.trigger("hook", {}, idempotency_key="job-starting")
+    assert not isinstance(caught.value, Permanent)
+    assert n8n_server.runs("hook") == 0
+    result = client.trigger("hook", {}, idempotency_key="job-starting")
+
+    if mode == "sync":
+        assert result.body == {"ok": True}
+    else:
+        assert result.execution_id in n8n_server.executions("hook")
+    assert (n8n_server.calls("hook"), n8n_server.runs("hook")) == (2, 1)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["2.x", "1.x"])
+def test_no_item_to_return_after_the_run_is_outcome_unknown(
+    n8n_server: FakeN8n, client: N8nClient, legacy: bool
+):
+    n8n_server.add_no_item("hook", legacy=legacy)
+
+    with pytest.raises(TriggerOutcomeUnknown) as caught:
+        client.trigger("hook", {}, idempotency_key="job-no-item")
+
+    assert caught.value.reason == "unknown_outcome"
+    message = str(caught.value)
+    assert "No item to return" in message and "returned no item" in message
+    assert "job-no-item" in message and IDEMPOTENCY_HEADER in message
+    assert (n8n_server.calls("hook"), n8n_server.runs("hook")) == (1, 1)  # it did run
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (502, {"error": "CRM is down"}),
+        (500, {"message": "Payment declined"}),
+        (503, "maintenance"),
+        (400, {"message": "invalid order"}),
+        (401, {"error": "not allowed"}),
+        (404, {"message": "order not found"}),
+        (409, {"message": "already exists"}),
+        (429, {"message": "slow down"}),
+    ],
+)
+def test_a_respond_to_webhook_error_status_is_outcome_unknown(
+    n8n_server: FakeN8n, client: N8nClient, status: int, body: object
+):
+    """A Respond to Webhook node answers any status it is configured with, after the nodes
+    before it ran: only n8n's own "never started" answers may be retried or given back."""
+    n8n_server.add_responding("hook", status=status, body=body)
+
+    with pytest.raises(TriggerOutcomeUnknown, match=f"answered {status}"):
+        client.trigger("hook", {}, idempotency_key="job-respond")
+
+    assert n8n_server.runs("hook") == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (500, "There was a problem executing the workflow"),
+        (500, "Workflow Webhook Error: Workflow could not be started!"),
+        (500, "The execution was cancelled"),
+        (504, "The workflow did not answer in time"),
+    ],
+)
+def test_n8ns_own_errors_once_a_run_started_are_outcome_unknown(
+    n8n_server: FakeN8n, client: N8nClient, status: int, message: str
+):
+    n8n_server.add_responding("hook", status=status, body={"code": 0, "message": message})
+
+    with pytest.raises(TriggerOutcomeUnknown, match="may have started"):
+        client.trigger("hook", {}, idempotency_key="job-n8n-5xx")
+
+    assert n8n_server.calls("hook") == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (502, "<html>502 Bad Gateway</html>"),
+        (503, {"message": "Service Unavailable"}),
+        (429, {"message": "Too Many Requests"}),
+    ],
+)
+def test_a_proxys_error_proves_nothing_and_is_outcome_unknown(
+    n8n_server: FakeN8n, client: N8nClient, status: int, body: object
+):
+    """A proxy in front of n8n answers these whether or not the request reached n8n (and n8n
+    has no rate limit of its own on webhooks: a 429 is a proxy's or a Respond node's)."""
+    n8n_server.add_sync("hook", {"ok": True})
+    n8n_server.fail_next(1, status=status, body=body, headers={"Retry-After": "7"})
+
+    with pytest.raises(TriggerOutcomeUnknown, match="may have started") as caught:
+        client.trigger("hook", {}, idempotency_key="job-proxy")
+
+    assert caught.value.reason == "unknown_outcome"
+    assert n8n_server.calls("hook") == 1
 
 
 def test_gateway_timeout_means_the_outcome_is_unknown(n8n_server: FakeN8n, client: N8nClient):
@@ -212,15 +342,40 @@ def test_gateway_timeout_means_the_outcome_is_unknown(n8n_server: FakeN8n, clien
 def test_webhook_requiring_credentials_is_permanent(n8n_server: FakeN8n, client: N8nClient):
     n8n_server.fail_next(1, status=403, body={"message": "Authorization data is wrong!"})
 
-    with pytest.raises(Permanent, match="Authorization data is wrong"):
+    with pytest.raises(Permanent, match="Authorization data is wrong") as caught:
         client.trigger("hook", {}, idempotency_key="job-403")
+
+    assert not isinstance(caught.value, TriggerOutcomeUnknown)
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "headers"),
+    [
+        (401, "Authorization is required!", {"WWW-Authenticate": 'Basic realm="Webhook"'}),
+        (403, "Invalid token", {"WWW-Authenticate": 'Basic realm="Webhook"'}),
+        (403, "IP is not whitelisted to access the webhook!", {}),
+    ],
+)
+def test_the_webhook_nodes_own_refusals_are_permanent(
+    n8n_server: FakeN8n, client: N8nClient, status: int, text: str, headers: dict[str, str]
+):
+    """The Webhook node answers these in plain text before it hands anything to the workflow."""
+    n8n_server.fail_next(1, status=status, body=text, headers=headers)
+
+    with pytest.raises(Permanent, match="requires credentials") as caught:
+        client.trigger("hook", {}, idempotency_key="job-auth")
+
+    assert not isinstance(caught.value, TriggerOutcomeUnknown)
 
 
 def test_redirect_is_not_followed(n8n_server: FakeN8n, client: N8nClient):
     n8n_server.fail_next(1, status=302, body="", headers={"Location": n8n_server.url + "/other"})
 
-    with pytest.raises(Permanent, match="redirect"):
+    # A proxy's redirect (http -> https) or a Respond to Webhook node's, after its run.
+    with pytest.raises(TriggerOutcomeUnknown, match="redirect") as caught:
         client.trigger("hook", {}, idempotency_key="job-302")
+
+    assert "N8N_BASE_URL" in str(caught.value) and "/other" in str(caught.value)
 
 
 def test_connection_refused_is_retryable():

@@ -227,20 +227,40 @@ class TestWithOneWorker:
             assert (row["reason"], row["attempts"]) == ("permanent", 1)
             assert executions.get(engine, job.id).status == "not_triggered"
 
-    def test_5xx_before_n8n_accepted_it_is_retried(
+    def test_n8n_starting_up_is_retried_and_runs_the_workflow_once(
         self, fake, submitter, redis_client, engine, unique
     ):
-        path = path_for(unique, "flaky")
+        # While n8n starts it answers every request itself, before any webhook is looked up:
+        # 503 "Database is not ready!", then a 200 text page. Neither started a run.
+        path = path_for(unique, "starting")
         fake.add_sync(path, {"ok": True})
-        fake.fail_next(2, status=503, body={"message": "Service Unavailable"})
+        fake.database_not_ready(1)
+        fake.starting_up(1)
         job = submitter.submit("n8n.execute", {"workflow": path, "mode": "sync"})
 
         envelope = job.result(timeout=30)
         assert envelope["success"] is True, envelope
-        assert envelope["data"]["output"] == {"ok": True}
-        assert fake.calls(path) == 3
+        assert envelope["data"]["output"] == {"ok": True}  # not the "starting up" page
+        assert (fake.calls(path), fake.runs(path)) == (3, 1)
         retries = [e for e in events_of(redis_client, job.id) if e["data"].get("retrying")]
-        assert len(retries) == 2 and "503" in retries[0]["data"]["error"]
+        assert len(retries) == 2
+        assert "Database is not ready!" in retries[0]["data"]["error"]
+        assert "starting up" in retries[1]["data"]["error"]
+        assert dead_letters.find(engine, job.id) is None
+        assert executions.get(engine, job.id).status == "success"
+
+    def test_an_async_run_waits_for_n8n_to_start_up(self, fake, submitter, engine, unique):
+        path = path_for(unique, "starting-async")
+        fake.add_async(path, {"done": True}, queued_s=0.05, run_s=0.1)
+        fake.starting_up(1)
+        job = submitter.submit("n8n.execute", {"workflow": path, "mode": "async"})
+
+        envelope = job.result(timeout=30)
+        assert envelope["success"] is True, envelope
+        assert envelope["data"]["output"] == [{"done": True}]
+        [execution_id] = fake.executions(path)
+        assert envelope["data"]["execution_id"] == execution_id
+        assert (fake.calls(path), fake.runs(path)) == (2, 1)
         assert dead_letters.find(engine, job.id) is None
 
     def test_a_trigger_that_may_have_run_is_never_fired_again(
@@ -366,6 +386,80 @@ class TestWithOneWorker:
         assert executions.get(engine, job.id).status == "success"
         assert fake.calls(path) == 1
         assert "maintenance.reconcile_workflows" in maintenance.log()
+
+
+def default_retries_env(base_url: str) -> dict[str, str]:
+    """A worker with the default retries (6: a retried trigger would run up to 7 times)."""
+    env = n8n_env(base_url)
+    del env["CONVEYOR_MAX_RETRIES"]
+    # Every run shows in the fake's count, rather than a circuit opened after five of them.
+    env["CONVEYOR_N8N_BREAKER_FAIL_MAX"] = "100"
+    return env
+
+
+@pytest.fixture(scope="class")
+def default_retries_worker(fake, tmp_path_factory, redis_client) -> Iterator[WorkerProcess]:
+    purge(redis_client, "n8n", "episodes")
+    factory = WorkerFactory(tmp_path_factory.mktemp("n8n-default-retries"))
+    worker = factory.start("n8n", env=default_retries_env(fake.url))
+    yield worker
+    factory.stop_all()
+    purge(redis_client, "n8n", "episodes")
+
+
+@pytest.mark.usefixtures("default_retries_worker")
+class TestAnErrorAfterTheRun:
+    """n8n answers some 5xx after it ran the workflow, and a Respond to Webhook node answers any
+    status after the work before it: the job runs the workflow once and ends as an unknown
+    outcome, however many retries it has (issue #14, item 5)."""
+
+    def test_no_item_to_return_runs_the_workflow_once(
+        self, fake, submitter, redis_client, engine, unique
+    ):
+        path = path_for(unique, "no-item")
+        fake.add_no_item(path)  # "When last node finishes", and the last node returned nothing
+        job = submitter.submit("n8n.execute", {"workflow": path, "data": {"n": 1}, "mode": "sync"})
+
+        envelope = _ran_once_then_unknown(fake, redis_client, engine, job, path)
+        assert "No item to return was found" in envelope["error"]
+        assert "returned no item" in envelope["error"]
+
+    @pytest.mark.parametrize("status", [502, 503])
+    def test_a_respond_to_webhook_5xx_runs_the_workflow_once(
+        self, fake, submitter, redis_client, engine, unique, status
+    ):
+        path = path_for(unique, f"respond-{status}")
+        fake.add_responding(path, status=status, body={"error": "CRM rejected the order"})
+        job = submitter.submit("n8n.execute", {"workflow": path, "data": {"n": 1}, "mode": "sync"})
+
+        envelope = _ran_once_then_unknown(fake, redis_client, engine, job, path)
+        assert f"answered {status}" in envelope["error"]
+
+    def test_an_async_workflows_error_answer_runs_it_once(
+        self, fake, submitter, redis_client, engine, unique
+    ):
+        path = path_for(unique, "respond-async")
+        fake.add_responding(path, status=500, body={"message": "Respond to Webhook failed"})
+        job = submitter.submit("n8n.execute", {"workflow": path, "mode": "async"})
+
+        envelope = _ran_once_then_unknown(fake, redis_client, engine, job, path)
+        assert "Respond to Webhook failed" in envelope["error"]
+
+
+def _ran_once_then_unknown(fake, redis_client, engine, job, path: str) -> dict:
+    """The job ran ``path`` exactly once, kept its claim and failed as an unknown outcome."""
+    envelope = job.result(timeout=30)
+    assert envelope["success"] is False, envelope
+    assert (fake.calls(path), fake.runs(path)) == (1, 1)  # one POST, one run: never retried
+    assert "X-Conveyor-Job-Id" in envelope["error"] and job.id in envelope["error"]
+    events = events_of(redis_client, job.id)
+    assert not [e for e in events if e["data"].get("retrying")]
+    assert events[-1]["type"] == "error"
+    assert events[-1]["data"]["reason"] == "unknown_outcome"
+    row = dead_letter(engine, job.id)
+    assert (row["reason"], row["attempts"]) == ("unknown_outcome", 1)
+    assert executions.get(engine, job.id).status == "outcome_unknown"  # the claim is kept
+    return envelope
 
 
 def test_a_worker_killed_while_following_is_followed_to_the_end_by_another(

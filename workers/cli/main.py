@@ -204,11 +204,18 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
     from celery.exceptions import BackendError
 
     from conveyor import ConveyorError, PayloadError, UnknownTaskError
+    from conveyor.schemas.storable import MAX_DEPTH
 
     try:
         payload = _read_payload(args.data)
     except ValueError as exc:
         print(f"conveyor submit: --data is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RecursionError:
+        print(
+            f"conveyor submit: --data is nested too deeply (at most {MAX_DEPTH} levels)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     submitter = _submitter()
     try:

@@ -28,6 +28,9 @@ def free_port(preferred: int | None = None) -> int:
         if port is None:
             continue
         with socket.socket() as sock:
+            # As the servers themselves bind: a port whose last connections linger in
+            # TIME_WAIT after a restart is free, so a restarted stack keeps its port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

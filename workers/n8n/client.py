@@ -11,6 +11,24 @@ real HTTP server (``tests/fakes/n8n_server.py``). What n8n 2.x does, as read in 
   to Webhook' node* sends whatever that node is given — for an async workflow, by our convention,
   ``{"executionId": "{{ $execution.id }}"}``.
 - A workflow that fails before answering gets ``500 {"message": "Error in workflow"}``: it *ran*.
+  n8n answers other 5xx *after* a run too: ``500 {"code": 0, "message": "No item to return was
+  found"}`` (1.x: ``…got found``) when *When last node finishes* has nothing to send, though the
+  run usually succeeded; ``500 There was a problem executing the workflow``; ``500 Workflow
+  Webhook Error: Workflow could not be started!`` (the run still goes ahead); engine v2's ``500
+  The execution was cancelled`` and ``504 The workflow did not answer in time``. And a Respond to
+  Webhook node sends whatever status it is configured with (any 3xx, 4xx or 5xx), after the
+  work before it. n8n has no rate limiting of its own on webhooks: a 429 is a proxy's (nothing
+  ran) or a Respond to Webhook node's (it ran), and nothing tells them apart.
+- Answers that prove no run started, all sent before the workflow is handed to the runner
+  (``abstract-server.ts``, ``webhook-request-handler.ts``, ``webhook-helpers.ts``, the Webhook
+  node): ``404 The requested webhook "POST path" is not registered.`` / ``This webhook is not
+  registered for GET requests…``; ``503 {"code": 503, "message": "Database is not ready!"}`` and
+  ``200 n8n is starting up. Please wait`` (text, while n8n starts); the Webhook node's own
+  ``401``/``403`` (``Authorization is required!``, ``Authorization data is wrong!``, with
+  ``WWW-Authenticate: Basic realm="Webhook"``; ``IP is not whitelisted to access the webhook!``);
+  ``415 Expected multipart/form-data``; ``428`` with the missing credentials
+  (``readyToExecute: false``). A proxy's 502/503/504 proves nothing: the request may have
+  reached n8n before the proxy gave up on it.
 - n8n never de-duplicates webhook calls: a second POST is a second run. Hence the rules below on
   which failures may be retried, and the ``X-Conveyor-Job-Id`` header a workflow can use to
   de-duplicate itself (it appears in the Webhook node's output, ``headers``).
@@ -18,10 +36,12 @@ real HTTP server (``tests/fakes/n8n_server.py``). What n8n 2.x does, as read in 
   ``data.resultData`` = ``{runData: {node: [taskData…]}, lastNodeExecuted, error?}``; statuses are
   new, running, waiting, success, error, canceled, crashed, unknown.
 
-Failures map onto ``workers.failures``: ``Retryable`` only when n8n cannot have started the
-workflow (or the call is a read); ``Permanent`` when trying again cannot help; and
-``TriggerOutcomeUnknown`` when the request may have started a run we got no answer for, so the
-caller never fires a second time blindly.
+Failures map onto ``workers.failures``: ``Retryable`` only when n8n provably did not start the
+workflow (never sent, starting up, database not ready) or the call is a read; ``Permanent``
+when n8n refused it before any run and trying again cannot help (not registered, the Webhook
+node's authentication); ``WorkflowFailed`` for ``500 Error in workflow``; and
+``TriggerOutcomeUnknown`` for every other answer to a webhook call that was sent — no answer at
+all, any other 3xx/4xx/5xx (429 included) — so the caller never fires a second time blindly.
 """
 
 from __future__ import annotations
@@ -74,15 +94,37 @@ _EXECUTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: and Node's 16 KiB of headers in all.
 _HEADER_VALUE = re.compile(r"[!-~]{1,4096}")
 
-#: n8n's answers when a webhook's workflow ran (webhook-helpers.ts): retrying would run it again.
+#: n8n's answer when a webhook's workflow ran and failed before answering (webhook-helpers.ts).
 _WORKFLOW_FAILED_MESSAGE = "Error in workflow"
-_EXECUTION_PROBLEM_MESSAGE = "There was a problem executing the workflow"
+#: "When last node finishes" with nothing to send (2.x; 1.x says "got found"): the run is over,
+#: usually a success.
+_NO_ITEM_MESSAGE = re.compile(r"No item to return (was|got) found")
+#: n8n's answers that prove no run started: sent before the workflow reaches the runner.
+_STARTING_UP_PAGE = "n8n is starting up. Please wait"  # 200 text/html (abstract-server.ts)
+_DATABASE_NOT_READY = "Database is not ready!"  # 503 (abstract-server.ts)
+_NOT_REGISTERED = re.compile(
+    r'The requested webhook "[^"]*" is not registered|This webhook is not registered for \w+ '
+)
+#: The Webhook node's own refusals (its ``WebhookAuthorizationError``, its IP whitelist),
+#: answered before it hands anything to the workflow.
+_WEBHOOK_AUTH_REALM = 'Basic realm="Webhook"'
+_WEBHOOK_AUTH_MESSAGES = frozenset(
+    {
+        "Authorization is required!",
+        "Authorization data is wrong!",
+        "Authorization problem!",
+        "IP is not whitelisted to access the webhook!",
+    }
+)
+_MULTIPART_REQUIRED = "Expected multipart/form-data"  # 415, before the body is parsed
 
 
 class TriggerOutcomeUnknown(Permanent):
-    """The webhook call was sent but no answer came back (read timeout, dropped connection,
-    a gateway's 504): n8n may be running the workflow. Never retried blindly — the caller
-    reconciles (n8n's executions list; the Webhook node's headers carry ``X-Conveyor-Job-Id``)."""
+    """The webhook call was sent and what came back does not say whether a run started: no
+    answer (read timeout, dropped connection), a proxy's or n8n's own 5xx after the run (``No
+    item to return was found``), a Respond to Webhook node's error status. n8n may have run the
+    workflow, even to its end. Never retried blindly — the caller reconciles (n8n's executions
+    list; the Webhook node's headers carry ``X-Conveyor-Job-Id``)."""
 
     reason = "unknown_outcome"
 
@@ -449,38 +491,79 @@ def _describe(exc: BaseException) -> str:
 
 
 def _trigger_result(path: str, key: str, response: requests.Response) -> TriggerResult:
+    """n8n's answer to a webhook call that was sent, or the failure it means.
+
+    Only answers in n8n's own words that are sent before any run starts are retried or give
+    the trigger back; everything else that is not a success may have run the workflow.
+    """
     status = response.status_code
     body = _parse_body(response)
+    where = f"POST /webhook/{path}"
+    if status == 200 and isinstance(body, str) and body.strip() == _STARTING_UP_PAGE:
+        raise Retryable(f"{where}: n8n is starting up (its database is not migrated yet)")
     if 200 <= status < 300:
         return TriggerResult(status, body, _execution_id(body))
     message = _message(body, response)
-    said = body.get("message") if isinstance(body, dict) else None  # compared without the hint
-    where = f"POST /webhook/{path}"
-    if status == 404:
+    said = _said(body)  # n8n's own message, without the hint
+    if status == 503 and said == _DATABASE_NOT_READY:
+        raise Retryable(
+            f"{where} answered 503: {message} (n8n is starting or lost its database)",
+            delay_s=retry_after_s(response.headers),
+        )
+    if status == 404 and said is not None and _NOT_REGISTERED.match(said):
         raise Permanent(
             f"webhook path not registered: is the workflow active/published? ({where}: {message})"
         )
-    if status in (401, 403):
+    if status in (401, 403) and (
+        said in _WEBHOOK_AUTH_MESSAGES
+        or response.headers.get("WWW-Authenticate", "").strip() == _WEBHOOK_AUTH_REALM
+    ):
         raise Permanent(
             f"n8n refused the webhook call ({status}: {message}): the workflow's Webhook node "
             "requires credentials Conveyor does not send"
+        )
+    if status == 415 and said == _MULTIPART_REQUIRED:
+        raise Permanent(
+            f"{where} answered 415 ({message}): the workflow starts with a form, not a Webhook "
+            "node taking JSON"
+        )
+    if status == 428 and isinstance(body, dict) and body.get("readyToExecute") is False:
+        raise Permanent(
+            f"{where} answered 428: the workflow's credentials are not connected yet "
+            f"({_json_text(body)[:300]})"
         )
     if status == 500 and said == _WORKFLOW_FAILED_MESSAGE:
         raise WorkflowFailed(
             f"workflow at {path!r} failed ({where}: {message}); see n8n's executions for job {key}"
         )
-    if status == 504 or (status == 500 and said == _EXECUTION_PROBLEM_MESSAGE):
-        raise TriggerOutcomeUnknown(
-            f"{where} answered {status} ({message}): the workflow may have started. Not "
-            f"retried; look for job {key} in n8n's executions ({IDEMPOTENCY_HEADER} header)"
-        )
-    if status == 429 or status >= 500:
-        raise Retryable(
-            f"{where} answered {status}: {message}", delay_s=retry_after_s(response.headers)
+    raise TriggerOutcomeUnknown(
+        f"{where} answered {status} ({message}){_why_unknown(status, said, response)}: the "
+        f"workflow may have started, or run to its end. Not retried; look for job {key} in "
+        f"n8n's executions ({IDEMPOTENCY_HEADER} header)"
+    )
+
+
+def _why_unknown(status: int, said: str | None, response: requests.Response) -> str:
+    """What else an answer that leaves the outcome unknown suggests, for whoever checks n8n."""
+    if status == 500 and said is not None and _NO_ITEM_MESSAGE.search(said):
+        return (
+            ", n8n's answer when the workflow ran but its last node returned no item for "
+            "'When last node finishes' to send"
         )
     if 300 <= status < 400:
-        raise Permanent(f"{where} answered a redirect ({status}): check N8N_BASE_URL")
-    raise Permanent(f"{where} was refused ({status}): {message}")
+        where_to = response.headers.get("Location", "")
+        return (
+            f", a redirect{f' to {where_to}' if where_to else ''} (not followed): a proxy's "
+            "means N8N_BASE_URL is wrong and nothing ran; a Respond to Webhook node's means it ran"
+        )
+    if status == 429:
+        return (
+            ", which n8n never answers itself: a proxy's limit (nothing ran) or a Respond to "
+            "Webhook node's answer (it ran)"
+        )
+    if status in (502, 503, 504):
+        return ", maybe from a proxy in front of n8n, after the request reached n8n or not"
+    return ""
 
 
 def _parse_body(response: requests.Response) -> Any:
@@ -492,6 +575,20 @@ def _parse_body(response: requests.Response) -> Any:
         except ValueError:
             pass
     return response.text
+
+
+def _said(body: Any) -> str | None:
+    """n8n's own message: ``message`` of its JSON error bodies, else a plain text body."""
+    if isinstance(body, dict):
+        message = body.get("message")
+        return message.strip() if isinstance(message, str) else None
+    if isinstance(body, str):
+        return body.strip()
+    return None
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
 def _message(body: Any, response: requests.Response) -> str:

@@ -9,8 +9,12 @@ carries the state from one delivery of the job to the next.
   returns (or fails with) the outcome already recorded, or — when an earlier delivery died
   between claiming and recording n8n's answer — reports that the outcome is unknown
   (``TriggerOutcomeUnknown``), because n8n may be running that workflow and would run a second
-  POST a second time. Only a trigger n8n cannot have received (connection refused, circuit open,
-  404/401) gives the claim back for a later attempt.
+  POST a second time. Only a trigger n8n provably did not start gives the claim back: never
+  sent (connection refused, circuit open), or refused in n8n's own words before any run (not
+  registered, the Webhook node's authentication, n8n starting up, its database not ready). Any
+  other answer to a call that was sent — a 5xx after the run such as "No item to return was
+  found", a Respond to Webhook node's error status, a proxy's 502/503/504, a 429 — keeps the
+  claim and ends the job as an unknown outcome (``client.py`` lists n8n's answers).
 - **Following** (async mode) reads ``GET /api/v1/executions/{id}``, with a wait between reads
   that grows with the execution's age (``poll_delay``). One delivery polls in place for at most
   ``hold_s``, then sends the job back to the queue for its next read (``Deferred``: no retry
@@ -104,8 +108,9 @@ def execute(
     """Run ``payload``'s workflow for job ``job_id`` (or resume it); the job's result data.
 
     Raises ``WorkflowFailed`` (it ran and failed), ``TriggerOutcomeUnknown``, ``Permanent``,
-    ``Retryable`` (n8n unreachable before it accepted the run), ``Deferred`` (poll again
-    later) or ``HandedOver`` (still running at the deadline: the reconciler reports its end).
+    ``Retryable`` (n8n provably did not start the run: unreachable, starting up, its database
+    not ready), ``Deferred`` (poll again later) or ``HandedOver`` (still running at the
+    deadline: the reconciler reports its end).
     """
     client = configured(rt.client)
     path = client.resolve_path(payload.workflow)
@@ -260,8 +265,9 @@ def _trigger(
             episode(failed)
         raise
     except (Retryable, Permanent) as exc:
-        # The client raises these only when n8n cannot have started the run (never sent,
-        # refused with 404/401, a proxy's 502/503, the circuit open): a later attempt may.
+        # The client raises these only when n8n provably did not start the run: never sent,
+        # the circuit open, or n8n's own "not registered", Webhook authentication, "starting
+        # up" or "Database is not ready!" answers. Every other answer is one of the two above.
         _release(rt, job_id, exc)
         raise
     except Exception as exc:

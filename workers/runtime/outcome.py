@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from conveyor import keys
 from conveyor.envelopes import FAMILIES, result_envelope
@@ -148,7 +148,10 @@ def retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
         },
     )
     # throw=False: Celery's Retry comes back to be raised by the caller, outside its try.
-    retry: Exception = task.retry(countdown=delay, throw=False)
+    try:
+        retry: Exception = task.retry(countdown=delay, throw=False)
+    except Exception as exc:  # the broker is away: the retry's message cannot go
+        return _back_to_the_queue(ctx, "its retry could not be sent", exc)
     return retry
 
 
@@ -164,16 +167,28 @@ def defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> E
     connections.redis_client().delete(keys.deliveries(ctx.job_id, ctx.attempt))
     request = task.request
     delivery = request.delivery_info or {}
-    task.apply_async(
-        args=(raw_payload,),
-        task_id=ctx.job_id,
-        countdown=delay,
-        retries=ctx.attempt,
-        queue=delivery.get("routing_key"),
-        priority=delivery.get("priority"),
-    )
+    try:
+        task.apply_async(
+            args=(raw_payload,),
+            task_id=ctx.job_id,
+            countdown=delay,
+            retries=ctx.attempt,
+            queue=delivery.get("routing_key"),
+            priority=delivery.get("priority"),
+        )
+    except Exception as exc:
+        return _back_to_the_queue(ctx, "its deferred copy could not be sent", exc)
     ignore: Exception = Ignore()
     return ignore
+
+
+def _back_to_the_queue(ctx: JobContext, why: str, exc: Exception) -> Exception:
+    """This delivery cannot be ended (the broker is away): give the message back, unsettled,
+    rather than fail a job an outage interrupted. Redis hands it out again (at once, or after
+    the visibility timeout if even the reject is lost); no result is stored for it."""
+    log.warning("job %s (%s): %s (%r); back to the queue", ctx.job_id, ctx.task_name, why, exc)
+    reject: Exception = Reject(f"{why}: {exc}", requeue=True)
+    return reject
 
 
 def _store(job_id: str, result: Any, state: str, *, raise_errors: bool = False) -> None:
