@@ -36,6 +36,7 @@ def test_ollama_native_provider_by_name(llm_server, submitter, tmp_path):
     assert llm.requests[-1].path == OLLAMA_PATH and llm.requests[-1].body["model"] == "llama3"
 
 
+@pytest.mark.faults
 def test_open_circuit_sends_jobs_to_the_fallback_for_every_worker(submitter, tmp_path):
     factory = WorkerFactory(tmp_path)
     with (
@@ -67,6 +68,7 @@ def test_open_circuit_sends_jobs_to_the_fallback_for_every_worker(submitter, tmp
     assert len(ran_on) == 2, "both workers should have taken jobs while the circuit was open"
 
 
+@pytest.mark.faults
 def test_open_circuit_without_fallback_defers_without_spending_retries(
     submitter, tmp_path, redis_client
 ):

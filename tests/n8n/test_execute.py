@@ -462,6 +462,7 @@ def _ran_once_then_unknown(fake, redis_client, engine, job, path: str) -> dict:
     return envelope
 
 
+@pytest.mark.faults
 def test_a_worker_killed_while_following_is_followed_to_the_end_by_another(
     workers, n8n_server, submitter, redis_client, engine, unique
 ):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from conveyor import keys
 from tests.support.waiting import wait_for
 from tests.support.workers import FAST_REDELIVERY
@@ -98,6 +100,7 @@ def _kill_mid_job(workers, submitter, redis_client, env):
     return job, second
 
 
+@pytest.mark.faults
 def test_worker_sigkilled_mid_job_its_job_is_redelivered_and_completed_elsewhere(
     workers, submitter, redis_client, engine
 ):
@@ -110,6 +113,7 @@ def test_worker_sigkilled_mid_job_its_job_is_redelivered_and_completed_elsewhere
     assert dead_letters.find(engine, job.id) is None
 
 
+@pytest.mark.faults
 def test_a_job_that_keeps_killing_workers_ends_in_dead_letters(
     workers, submitter, redis_client, engine
 ):

@@ -14,6 +14,8 @@ from tests.support.queues import messages
 from tests.support.waiting import wait_for
 from workers.store import dead_letters
 
+pytestmark = pytest.mark.faults
+
 _DEEP = 10_000
 
 
