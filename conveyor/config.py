@@ -191,6 +191,10 @@ class ClientConfig:
     max_payload_bytes: int = 256 * 1024
     #: Seconds an idempotency key keeps returning its job (``CONVEYOR_IDEMPOTENCY_TTL``).
     idempotency_ttl_s: int = 86_400
+    #: Seconds a claimed idempotency key waits for its job to be sent before it lapses: a
+    #: submitter that dies between claiming and sending does not leave a key returning, for a
+    #: day, a job that was never sent.
+    idempotency_pending_ttl_s: int = 60
     #: Records of ``episodes.record`` one packed message carries (``CONVEYOR_EPISODES_PACK``).
     episodes_pack: int = 100
     #: Seconds before Redis hands an unacknowledged job to another worker

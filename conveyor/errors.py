@@ -23,6 +23,11 @@ class PayloadError(ConveyorError, ValueError):
         super().__init__(f"invalid payload for {task}: " + "; ".join(problems))
 
 
+class IdempotencyConflict(ConveyorError, ValueError):
+    """An idempotency key already used, within its window, for a different payload: the
+    earlier job is not returned for an ask that is not the same one."""
+
+
 class JobFailed(ConveyorError):
     """Raised by ``Job.result(raise_on_failure=True)`` when the job ended in failure."""
 

@@ -18,6 +18,8 @@ needs neither the workers' code nor their dependencies.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -33,7 +35,7 @@ from celery.result import AsyncResult
 from conveyor import keys
 from conveyor.config import ClientConfig
 from conveyor.envelopes import TERMINAL_TYPES, iso_ms, result_envelope
-from conveyor.errors import ConveyorError, JobFailed, PayloadError
+from conveyor.errors import ConveyorError, IdempotencyConflict, JobFailed, PayloadError
 from conveyor.messages import message_for
 from conveyor.names import queue_for
 from conveyor.schemas import schema_for, validate_payload
@@ -221,11 +223,16 @@ class Submitter:
             raise PayloadError(task, problems)
 
         job_ids = [str(uuid.uuid4()) for _ in payloads]
+        claims = [
+            None if key is None else _Claim(key, job_ids[i], _digest(task, payloads[i]))
+            for i, key in enumerate(idem)
+        ]
         try:
-            existing = self._claim_idempotency_keys(task, idem, job_ids)
+            existing = self._claim_idempotency_keys(task, claims)
         except redis.RedisError as exc:
             raise ConveyorError(f"could not reach Redis to check idempotency keys: {exc}") from exc
         to_send = [i for i, prior in enumerate(existing) if prior is None]
+        ours = [claims[i] for i in to_send]
         try:
             self._send(
                 task,
@@ -234,11 +241,16 @@ class Submitter:
                 countdown=countdown,
                 eta=eta,
             )
-        except Exception as exc:
-            self._release_idempotency_keys(
-                task, [idem[i] for i in to_send], [job_ids[i] for i in to_send]
-            )
-            raise ConveyorError(f"could not enqueue {task}: {exc}") from exc
+        except _SendFailed as failed:
+            # What went out keeps its key; what did not gives it back, so a retry sends it.
+            self._settle_idempotency_keys(task, ours[: failed.sent], ours[failed.sent :])
+            raise ConveyorError(
+                f"could not enqueue {task} ({failed.sent} of {len(to_send)} sent): {failed.cause}"
+            ) from failed.cause
+        # Sent. Should Redis fail right now, the keys stay pending and lapse in
+        # idempotency_pending_ttl_s: a retry after that would send these jobs again.
+        with contextlib.suppress(redis.RedisError):
+            self._settle_idempotency_keys(task, ours, [])
         return [
             Job(self, prior, task, duplicate=True)
             if prior is not None
@@ -278,39 +290,56 @@ class Submitter:
                 f"{delay:g} s: schedule it later instead"
             )
 
-    def _claim_idempotency_keys(
-        self, task: str, idem: list[str | None], job_ids: list[str]
-    ) -> list[str | None]:
-        """For each payload: None when it is new (key claimed or no key), else the prior job id."""
-        claimed = [(i, key) for i, key in enumerate(idem) if key is not None]
+    def _claim_idempotency_keys(self, task: str, claims: list[_Claim | None]) -> list[str | None]:
+        """For each payload: None when it is new (key claimed, pending, or no key), else the
+        prior job id. A key held for another payload raises ``IdempotencyConflict``."""
+        claimed = [(i, c) for i, c in enumerate(claims) if c is not None]
         if not claimed:
-            return [None] * len(idem)
+            return [None] * len(claims)
         pipe = self.redis.pipeline(transaction=False)
-        for i, key in claimed:
-            pipe.set(
-                keys.idempotency(task, key), job_ids[i], nx=True, ex=self.config.idempotency_ttl_s
-            )
-            pipe.get(keys.idempotency(task, key))
+        for _, c in claimed:
+            name = keys.idempotency(task, c.key)
+            pipe.set(name, c.pending, nx=True, ex=self.config.idempotency_pending_ttl_s)
+            pipe.get(name)
         replies = pipe.execute()
-        result: list[str | None] = [None] * len(idem)
-        seen: dict[str, str] = {}
-        for n, (i, key) in enumerate(claimed):
+        result: list[str | None] = [None] * len(claims)
+        seen: dict[str, _Claim] = {}
+        for n, (i, c) in enumerate(claimed):
             won, holder = replies[2 * n], replies[2 * n + 1]
-            if key in seen:  # the same key twice in one batch: one job
-                result[i] = seen[key]
+            first = seen.get(c.key)
+            if first is not None:  # the same key twice in one call: one job, one payload
+                if first.digest != c.digest:
+                    raise IdempotencyConflict(
+                        f"idempotency key {c.key!r} is given twice with different payloads"
+                    )
+                result[i] = first.job_id
             elif not won:
-                result[i] = holder.decode()
+                prior_job, prior_digest = _parse_claim(holder.decode())
+                if prior_digest is not None and prior_digest != c.digest:
+                    raise IdempotencyConflict(
+                        f"idempotency key {c.key!r} was used for a different {task} payload "
+                        f"(job {prior_job}) within the last "
+                        f"{self.config.idempotency_ttl_s} s; use a new key for a new ask"
+                    )
+                result[i] = prior_job
             else:
-                seen[key] = job_ids[i]
+                seen[c.key] = c
         return result
 
-    def _release_idempotency_keys(
-        self, task: str, idem: list[str | None], job_ids: list[str]
+    def _settle_idempotency_keys(
+        self, task: str, sent: list[_Claim | None], unsent: list[_Claim | None]
     ) -> None:
-        """Undo claims of jobs that never reached the broker, so a retry can enqueue them."""
-        for key, job_id in zip(idem, job_ids, strict=True):
-            if key is not None and self.redis.get(keys.idempotency(task, key)) == job_id.encode():
-                self.redis.delete(keys.idempotency(task, key))
+        """Keys of jobs that reached the broker hold their job for the idempotency window;
+        keys of jobs that did not are given back (each only if still this call's claim)."""
+        sent_claims = [c for c in sent if c is not None]
+        unsent_claims = [c for c in unsent if c is not None]
+        if not sent_claims and not unsent_claims:
+            return
+        names = [keys.idempotency(task, c.key) for c in (*sent_claims, *unsent_claims)]
+        args: list[Any] = [self.config.idempotency_ttl_s, len(sent_claims)]
+        for c in (*sent_claims, *unsent_claims):
+            args += [c.pending, c.sent]
+        self.redis.eval(_SETTLE_CLAIMS, len(names), *names, *args)
 
     def _send(
         self,
@@ -340,14 +369,74 @@ class Submitter:
             "countdown": countdown,
             "eta": eta,
         }
-        with self.app.producer_or_acquire() as producer:
-            for start in range(0, len(jobs), size):
-                message = message_for(jobs[start : start + size])
-                self.app.send_task(task, producer=producer, **message, **options)
+        sent = 0
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for start in range(0, len(jobs), size):
+                    message = message_for(jobs[start : start + size])
+                    self.app.send_task(task, producer=producer, **message, **options)
+                    sent = min(len(jobs), start + size)
+        except Exception as exc:
+            raise _SendFailed(sent, exc) from exc
 
     def close(self) -> None:
         self.redis.close()
         self.app.close()
+
+
+# Settles idempotency claims. KEYS: the claims' keys, the sent ones first. ARGV[1]: the
+# idempotency window (s); ARGV[2]: how many of KEYS were sent; then per key its pending value
+# and its sent value. A sent key (still this call's claim) holds its job for the window; an
+# unsent one (still this call's claim) is deleted.
+_SETTLE_CLAIMS = """
+local sent = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local pending, done = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  if redis.call('GET', KEYS[i]) == pending then
+    if i <= sent then
+      redis.call('SET', KEYS[i], done, 'EX', ARGV[1])
+    else
+      redis.call('DEL', KEYS[i])
+    end
+  end
+end
+return 0
+"""
+
+
+class _Claim:
+    """One idempotency key's claim: the job it names and a digest of the payload it was for."""
+
+    def __init__(self, key: str, job_id: str, digest: str):
+        self.key = key
+        self.job_id = job_id
+        self.digest = digest
+        #: While the job is on its way (lapses after ``idempotency_pending_ttl_s``).
+        self.pending = f"{job_id}|{digest}|pending"
+        #: Once its message is on the broker (held for the idempotency window).
+        self.sent = f"{job_id}|{digest}|sent"
+
+
+def _parse_claim(value: str) -> tuple[str, str | None]:
+    """(job id, payload digest) of a key's value; a bare job id (an older Conveyor's) has no
+    digest to compare."""
+    job_id, _, rest = value.partition("|")
+    digest = rest.partition("|")[0] or None
+    return job_id, digest
+
+
+def _digest(task: str, payload: Any) -> str:
+    canonical = json.dumps([task, payload], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class _SendFailed(Exception):
+    """Sending stopped after ``sent`` of a call's jobs reached the broker."""
+
+    def __init__(self, sent: int, cause: Exception):
+        super().__init__(str(cause))
+        self.sent = sent
+        self.cause = cause
 
 
 def _check_priority(priority: int | None) -> None:

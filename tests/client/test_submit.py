@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conveyor import PayloadError, UnknownTaskError
+from conveyor.errors import IdempotencyConflict
 from conveyor.messages import PACK_HEADER
 from conveyor.names import QUEUES, TASK_QUEUES
 from tests.payloads import VALID
@@ -83,9 +84,9 @@ def test_same_idempotency_key_returns_the_same_job_and_enqueues_once(
     submitter, redis_client, unique
 ):
     first = submitter.submit("maintenance.ping", {}, idempotency_key=f"k-{unique}")
-    second = submitter.submit(
-        "maintenance.ping", {"message": "again"}, idempotency_key=f"k-{unique}"
-    )
+    second = submitter.submit("maintenance.ping", {}, idempotency_key=f"k-{unique}")
+    with pytest.raises(IdempotencyConflict, match=f"k-{unique}' was used for a different"):
+        submitter.submit("maintenance.ping", {"message": "another"}, idempotency_key=f"k-{unique}")
     other = submitter.submit("maintenance.ping", {}, idempotency_key=f"k2-{unique}")
     assert second.id == first.id and second.duplicate and not first.duplicate
     assert other.id != first.id
@@ -96,6 +97,7 @@ def test_same_idempotency_key_returns_the_same_job_and_enqueues_once(
 
 def test_submit_many_keeps_order_and_dedupes_within_the_batch(submitter, redis_client, unique):
     payloads = [{"user_id": f"u{i}", "model_type": "m"} for i in range(5)]
+    payloads[2] = payloads[0]  # the same ask twice under one key
     keys = [f"a-{unique}", f"b-{unique}", f"a-{unique}", None, None]
     jobs = submitter.submit_many("episodes.record", payloads, idempotency_keys=keys)
     assert jobs[0].id == jobs[2].id and jobs[2].duplicate
