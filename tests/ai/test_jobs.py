@@ -273,3 +273,16 @@ def test_episodes_of_jobs_ending_together_share_a_message_and_land_once(
 
     wait_for(lambda: len(rows()) == len(jobs), what="one episode row per job")
     assert sorted(r[0] for r in rows()) == sorted(f"job:{job.id}" for job in jobs)
+
+
+def test_an_empty_answer_is_told_from_a_cut_one_and_not_retried(llm, submitter, engine):
+    """llama.cpp's server answers a prompt longer than its context with an empty 200 stream:
+    complete, not cut. Retrying cannot help: one request, a permanent failure naming why."""
+    llm.script(Reply(raw=(b"",)))
+    job = submitter.submit("ai.generate", {"prompt": "word " * 400})
+    envelope = job.result(timeout=30)
+    assert envelope["success"] is False
+    assert "empty stream" in envelope["error"] and "about 504 tokens" in envelope["error"]
+    assert len(llm.requests) == 1
+    row = wait_for(lambda: dead_letters.find(engine, job.id), what="dead letter")
+    assert (row["reason"], row["attempts"]) == ("permanent", 1)

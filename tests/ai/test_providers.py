@@ -713,3 +713,17 @@ def test_a_key_echoed_in_a_long_error_never_survives_the_cut(offset):
     verdict = failure_for_status(config, 401, {}, parse_error(body))
     assert key[:12] not in str(verdict)
     assert len(str(verdict)) < 700
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_sent(llm_server):
+    config = ProviderConfig(
+        name="small", kind="openai", base_url=llm_server.openai_url, default_model="m",
+        context_tokens=50,
+    )  # fmt: skip
+    before = len(llm_server.requests)
+    request = ChatRequest(messages=({"role": "user", "content": "x" * 400},))
+    with pytest.raises(Permanent, match=r"about 104 tokens.*context of 50 tokens"):
+        OpenAICompatProvider(config).generate(request)
+    assert len(llm_server.requests) == before  # nothing sent
+    env = {"LLM_BASE_URL": llm_server.openai_url, "LLM_CONTEXT_TOKENS": "8192"}
+    assert providers_from_env(env)["default"].context_tokens == 8192

@@ -194,6 +194,10 @@ class ProviderConfig:
     read_s: float = 60.0
     total_s: float = 180.0
     fallbacks: tuple[str, ...] = ()
+    #: The model's context window in tokens (``LLM_CONTEXT_TOKENS``, ``context_tokens``): a
+    #: prompt that cannot fit is refused before it is sent (llama.cpp's server answers one
+    #: with an empty stream, which looks like a cut and would be retried). None: unknown.
+    context_tokens: int | None = None
 
 
 #: Keys a ``CONVEYOR_PROVIDERS`` entry may have; anything else is a typo worth an error.
@@ -209,6 +213,7 @@ _ENTRY_KEYS = frozenset(
         "connect_s",
         "read_s",
         "total_s",
+        "context_tokens",
     }
 )
 
@@ -281,6 +286,7 @@ def _default_from_env(env: Env) -> ProviderConfig | None:
         connect_s=_seconds(env.raw("LLM_CONNECT_TIMEOUT"), "LLM_CONNECT_TIMEOUT", 5.0),
         read_s=_seconds(env.raw("LLM_READ_TIMEOUT"), "LLM_READ_TIMEOUT", 60.0),
         total_s=_seconds(env.raw("LLM_TIMEOUT"), "LLM_TIMEOUT", 180.0),
+        context_tokens=_limit(env.raw("LLM_CONTEXT_TOKENS"), "LLM_CONTEXT_TOKENS"),
         fallbacks=_names((n.strip() for n in fallbacks.split(",") if n.strip()), "LLM_FALLBACKS"),
     )
 
@@ -339,6 +345,7 @@ def _named_from_env(env: Env) -> list[ProviderConfig]:
                 connect_s=_seconds(entry.get("connect_s"), f"{where}.connect_s", 5.0),
                 read_s=_seconds(entry.get("read_s"), f"{where}.read_s", 60.0),
                 total_s=_seconds(entry.get("total_s"), f"{where}.total_s", 180.0),
+                context_tokens=_limit(entry.get("context_tokens"), f"{where}.context_tokens"),
                 fallbacks=_names(fallbacks, f"{where}.fallbacks"),
             )
         )

@@ -30,7 +30,7 @@ from workers.ai.providers.transport import (
     failure_in_stream,
     safe_message,
 )
-from workers.failures import Retryable
+from workers.failures import Permanent, Retryable
 
 #: Bytes of one SSE line we accept; a server streaming more without a newline is broken.
 MAX_LINE_BYTES = 1024 * 1024
@@ -119,14 +119,18 @@ class ChatStreamParser(ParserBase):
         self._decoder = SSEDecoder()
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
+        #: Data events seen (keep-alive comments are not events).
+        self.events = 0
 
     def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
         name = self.config.name
+        self.received += len(data)
         try:
             events = self._decoder.feed(data)
         except ValueError as exc:
             raise Retryable(f"{name}: malformed stream: {exc}") from None
         for event, text in events:
+            self.events += 1
             if text.strip() == "[DONE]":
                 self.done = True
                 return
@@ -150,6 +154,16 @@ class ChatStreamParser(ParserBase):
     def finish(self, emit: Callable[[str], None]) -> Completion:
         name = self.config.name
         if not self.done:
+            if self.body_complete and self.events == 0:
+                # An empty answer, not a cut one: retrying cannot help.
+                raise Permanent(
+                    f"{name} answered with an empty stream (no text, no [DONE], no error). "
+                    "llama.cpp's server does this for a prompt longer than its context: this one "
+                    f"is about {estimate_prompt_tokens(self.request.messages)} tokens (set "
+                    "LLM_CONTEXT_TOKENS to refuse such prompts before they are sent)"
+                )
+            if self.body_complete:
+                raise Retryable(f"{name}: the server ended the stream before [DONE]")
             raise Retryable(f"{name}: the stream ended before [DONE] (connection cut?)")
         if self._finish_reason is None:
             raise Retryable(f"{name}: the stream ended without a finish_reason")

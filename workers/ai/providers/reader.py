@@ -73,6 +73,8 @@ class StreamParser(Protocol):
 
     #: True once the answer is complete: whatever the body still holds does not matter.
     done: bool
+    #: Set by the reader before ``finish``: the body ended as its framing said it would.
+    body_complete: bool
 
     def feed(self, data: bytes, emit: Callable[[str], None]) -> None:
         """Parse the next bytes of the body; ``emit`` each piece of text. Raises
@@ -97,6 +99,11 @@ class ParserBase:
         self.done = False
         self.parts: list[str] = []
         self.ttft: float | None = None
+        #: Bytes of body fed so far.
+        self.received = 0
+        #: The body ended as its framing said it would (chunked end, or Content-Length): an
+        #: answer that stops short then is what the server sent, not a cut connection.
+        self.body_complete = False
 
     def take(self, text: str, emit: Callable[[str], None]) -> None:
         """One piece of the answer's text: kept, timed if it is the first, passed on."""
@@ -444,6 +451,7 @@ class StreamReader:
         moment after ``[DONE]``); a body still open ``DRAIN_S`` later is closed."""
         if not (handle.parser.done or handle.framing.complete):
             return False
+        handle.parser.body_complete = handle.framing.complete
         self._finish(handle)
         if handle.framing.complete or handle.error is not None:
             self._release(handle)
@@ -456,6 +464,7 @@ class StreamReader:
         if handle.ended.is_set():
             self._release(handle)
         elif isinstance(handle.framing, _UntilClose) or handle.framing.complete:
+            handle.parser.body_complete = not isinstance(handle.framing, _UntilClose)
             self._finish(handle)
             self._release(handle)
         else:
@@ -614,6 +623,8 @@ def _read_here(
             if not data:
                 break
             parser.feed(data, on_delta)
+        chunked, length = http_internals.framing_of(response)
+        parser.body_complete = chunked or length is not None  # urllib3 raises on a short one
         completion = parser.finish(on_delta)
     except (Retryable, Permanent) as exc:
         error = exc

@@ -34,6 +34,7 @@ from workers.ai.providers.base import (
     ProviderConfig,
     check_deadline,
     deadline_for,
+    estimate_prompt_tokens,
 )
 from workers.ai.providers.reader import AnsweredStream, StreamHandle, StreamParser, stream_reader
 from workers.failures import Permanent, Retryable
@@ -207,6 +208,20 @@ def failure_in_stream(config: ProviderConfig, error: ServerError) -> Retryable |
     return Permanent(text) if error.is_client_error() else Retryable(text)
 
 
+def check_fits(config: ProviderConfig, request: ChatRequest) -> None:
+    """Refuse at once a prompt that cannot fit the model's context window (when configured):
+    retrying cannot help, and some servers answer one with an empty stream."""
+    if config.context_tokens is None:
+        return
+    prompt = estimate_prompt_tokens(request.messages)
+    if prompt > config.context_tokens:
+        raise Permanent(
+            f"{config.name}: the prompt is about {prompt} tokens (estimated, ~4 characters "
+            f"each), more than the model's context of {config.context_tokens} tokens "
+            "(LLM_CONTEXT_TOKENS): shorten it or use a model with a larger context"
+        )
+
+
 def open_stream(
     session: requests.Session,
     url: str,
@@ -333,6 +348,7 @@ class HTTPStreamingProvider:
         on_end: Callable[[], None] | None = None,
     ) -> StreamHandle | AnsweredStream:
         model = self._model(request)
+        check_fits(self.config, request)
         started = time.monotonic()
         deadline = deadline_for(request, self.config, started)
         response = open_stream(
