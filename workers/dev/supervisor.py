@@ -121,9 +121,13 @@ class Supervisor:
                 self._report(f"{child.name} restarted (pid {child.pid})")
 
     def stop_all(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM every child's group (warm shutdown: running jobs finish), then SIGKILL."""
+        """SIGTERM every child's main process (a worker's warm shutdown: running jobs finish;
+        SIGTERM to its whole group would kill its pool's children mid-job), then SIGKILL
+        every group, leaving nothing behind."""
         for child in self.children:
-            child.signal_group(signal.SIGTERM)
+            if child.running() and child.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for child in self.children:
             if child.process is None:
