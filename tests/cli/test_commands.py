@@ -84,3 +84,15 @@ def test_submit_wait_of_an_episode_returns_its_envelope_once_the_row_is_written(
     assert envelope["success"] is True and envelope["request_id"] == job_id
     assert envelope["data"] == {"episode_id": f"job:{job_id}", "written": True}
     assert took < 10, took
+
+
+def test_waiting_on_a_queue_no_worker_consumes_says_so(redis_client):
+    from tests.support.queues import purge
+
+    result = _conveyor(
+        "submit", "maintenance.ping", "--data", '{"message": "anyone?"}', "--wait",
+        "--timeout", "6",
+    )  # fmt: skip
+    purge(redis_client, "maintenance")
+    assert result.returncode == 3
+    assert "no running worker consumes the 'maintenance' queue" in result.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -236,6 +237,9 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
     if not (args.wait or args.follow):
         return EXIT_OK
     deadline = time.monotonic() + args.timeout  # one budget for the events and the result
+    watch = threading.Timer(_UNSTARTED_S, _warn_if_nobody_consumes, (submitter, job, args.task))
+    watch.daemon = True
+    watch.start()
     try:
         if args.follow:
             for event in job.events(timeout=args.timeout):
@@ -251,9 +255,38 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
         # RuntimeError: Celery's result consumer gives up reconnecting ("must be restarted").
         print(f"conveyor submit: lost Redis while waiting for job {job.id}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    finally:
+        watch.cancel()
     if args.wait:
         _print_json(envelope)
     return EXIT_OK if envelope["success"] else EXIT_JOB_FAILED
+
+
+#: Seconds a waited-on job may sit unstarted before the CLI looks for a worker of its queue.
+_UNSTARTED_S = 3.0
+
+
+def _warn_if_nobody_consumes(submitter: Any, job: Any, task: str) -> None:
+    """Say so when no running worker consumes the job's queue: it waits until one does (a
+    stack not started yet, another Redis than the workers')."""
+    from conveyor import keys
+    from conveyor.names import queue_for
+
+    try:
+        if submitter.redis.exists(keys.events_stream(job.id)):
+            return  # started
+        queue = queue_for(task)
+        replies = submitter.app.control.inspect(timeout=1.0).active_queues() or {}
+        consumed = {q.get("name") for queues in replies.values() for q in queues or ()}
+        if queue not in consumed:
+            print(
+                f"conveyor submit: no running worker consumes the {queue!r} queue on this "
+                f"broker; job {job.id} waits until one does (`conveyor worker {queue}`)",
+                file=sys.stderr,
+                flush=True,
+            )
+    except Exception:  # a hint only: never fail the wait over it
+        return
 
 
 def _cancel(args: argparse.Namespace, rest: list[str]) -> int:
