@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint format clean
+.PHONY: install dev test lint format clean soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+## Not in CI: 100,000 mixed jobs through real workers with faults injected at random (bench/soak.py).
+soak: install
+	$(BIN)/python -m bench.soak
 
 format: install
 	$(BIN)/ruff format .

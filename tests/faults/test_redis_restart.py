@@ -63,8 +63,10 @@ def test_redis_killed_and_restarted_loses_nothing_settled_and_doubles_nothing(
     submitter = Submitter(ClientConfig(redis_url=url, visibility_timeout_s=40))
     restarted: EmbeddedRedis | None = None
     try:
-        workers.start("maintenance", env={**env, "CONVEYOR_MAINTENANCE_CONCURRENCY": "2"})
-        workers.start("episodes", env=env)
+        started = [
+            workers.start("maintenance", env={**env, "CONVEYOR_MAINTENANCE_CONCURRENCY": "2"}),
+            workers.start("episodes", env=env),
+        ]
         model = f"fault-{uuid.uuid4().hex[:8]}"
         pings = [
             submitter.submit("maintenance.ping", {"message": f"p{n}", "hold_s": 0.2})
@@ -108,6 +110,8 @@ def test_redis_killed_and_restarted_loses_nothing_settled_and_doubles_nothing(
             note=f"{len(records)} episodes, {PINGS} pings",
         )
         failures = [e["error"] for e in envelopes if not e["success"]]
+        # No worker stopped over it (kombu's close of the lost connection used to stop one).
+        assert [w.process.poll() for w in started] == [None, None]
         assert counts.lost == 0 and counts.duplicated == 0 and counts.dead_lettered == 0, failures
     finally:
         submitter.close()

@@ -110,7 +110,12 @@ def check() -> None:
 
     need(hasattr(Task, "Strategy"), "celery.Task.Strategy (the task strategy hook)")
     need(callable(getattr(Consumer, "call_soon", None)), "celery Consumer.call_soon")
+    need(
+        callable(getattr(Consumer, "on_connection_error_after_connected", None)),
+        "celery Consumer.on_connection_error_after_connected (runtime/consumer.py overrides it)",
+    )
     init = inspect.getsource(Consumer.__init__)
+    # runtime/consumer.py widens connection_errors after Celery's __init__ sets it.
     for attribute in ("self.pool", "self.timer", "self.connection_errors"):
         need(attribute in init, f"celery Consumer.__init__ setting {attribute}")
     need(hasattr(worker_state, "total_count"), "celery.worker.state.total_count")

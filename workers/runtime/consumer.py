@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 
 class Consumer(CeleryConsumer):
+    connection_errors: tuple[type[BaseException], ...]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An ack of a message whose connection was lost (Redis restarted) runs on kombu's
+        # collected channel and raises AttributeError, not a connection error: Celery's ack
+        # path would let it stop the worker. Such a message cannot be acknowledged; it comes
+        # back through the visibility timeout, as any message of a lost connection does.
+        known: tuple[type[BaseException], ...] = tuple(self.connection_errors)
+        self.connection_errors = (*known, AttributeError)
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
 
@@ -53,6 +64,18 @@ class Consumer(CeleryConsumer):
         described = f"{type(exc).__name__}: {exc}"[:500]
         _dead_letter(message, "poison", f"malformed task message: {described}")
         message.reject_log_error(log, self.connection_errors)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery collects the lost connection, then closes it; closing a Redis channel that
+        still holds unacknowledged messages then asks the collected connection for its
+        address and raises AttributeError, which Celery treats as unrecoverable: the worker
+        exits on a Redis restart (bench/soak.py found it). The connection is already let go
+        when that happens; its messages come back through the visibility timeout."""
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            log.warning("closing the lost broker connection failed (%r); reconnecting", error)
+            self.connection = None
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         _dead_letter(message, "poison", "malformed message: it names no task")
