@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     producer = threading.Thread(target=produce, daemon=True)
     injector = threading.Thread(target=inject, daemon=True)
     began = time.monotonic()
+    began_wall = time.time()
     producer.start()
     injector.start()
     producer.join()
@@ -265,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         "lost_in_aof_window": len(in_window),
         "duplicated_episode_rows": sum(n - 1 for n in rows.values() if n > 1),
         "duplicated_ai_episodes": sum(n - 1 for n in ai_rows.values() if n > 1),
-        "faults": [f for _, f in faults],
+        "faults": [f"{when - began_wall:.1f}s {f}" for when, f in faults],
         "worker_crashes": crashes,
         "seconds": round(time.monotonic() - began),
-        "lost_examples": missing[:10],
+        "lost_examples": [
+            (kind, job_id, f"{when - began_wall:.1f}s") for kind, job_id, when in missing[:10]
+        ],
     }
     done.set()
     print(json.dumps(report, indent=2))
