@@ -58,7 +58,8 @@ class Job:
         return AsyncResult(self.id, app=self._submitter.app)
 
     def status(self) -> str:
-        """Celery's state: PENDING (queued or unknown), STARTED, RETRY, SUCCESS or FAILURE."""
+        """Celery's state: PENDING (queued or unknown), STARTED, RETRY, SUCCESS, FAILURE, or
+        REVOKED (cancelled)."""
         return str(self._async_result().state)
 
     def result(
@@ -264,7 +265,7 @@ class Submitter:
         ``cancelled``). Returns ``"finished"`` for a job that already ended (nothing is
         changed), ``"running"`` for one that has started, ``"not started"`` for one that has
         not (queued, or unknown to this broker: the two look alike)."""
-        if self.job(job_id).status() in ("SUCCESS", "FAILURE"):
+        if self.job(job_id).status() in ("SUCCESS", "FAILURE", "REVOKED"):
             return "finished"
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.cancel(job_id), "1", ex=self.config.idempotency_ttl_s)

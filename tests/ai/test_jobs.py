@@ -170,6 +170,7 @@ def test_cancel_stops_a_streaming_generation_and_says_so(llm, submitter, redis_c
     assert (last["type"], last["data"]["reason"]) == ("error", "cancelled")
     assert llm.wait_for_hangup(5)  # the stream was closed, not read to its end
     assert dead_letters.find(engine, job.id) is None
+    assert job.status() == "REVOKED"  # Flower and callers see a cancellation, not a failure
 
 
 def test_a_job_run_twice_records_one_episode(llm, workers, submitter, engine):

@@ -151,6 +151,8 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, arguments: _Arguments) ->
         if isinstance(verdict, Retryable) and ctx.attempt < core.max_retries:
             raise outcome.retry(task, ctx, verdict) from None
         ending = outcome.ending_of(verdict, ctx.attempt + 1)
+        if isinstance(verdict, Cancelled):
+            raise outcome.cancel(task, ctx, ending) from None
         outcome.fail(
             ctx.job_id,
             ctx.task_name,

@@ -98,6 +98,26 @@ def fail(
         )
 
 
+def cancel(task: Task, ctx: JobContext, ending: Ending) -> Exception:
+    """A job stopped because someone asked (``conveyor cancel``): not a failure. Its result
+    is REVOKED (``Job.result()`` says it was cancelled), Flower is told ``task-revoked`` rather
+    than counting a failure, and its listeners get the ``*_error`` event (reason
+    ``cancelled``). No dead letter: there is nothing to inspect or resubmit."""
+    log.info("job %s (%s) cancelled: %s", ctx.job_id, ctx.task_name, ending.error)
+    ctx.emit_quietly(  # first: the stream's own last progress must not come after it
+        "error",
+        {"error": ending.error, "reason": ending.reason, "attempts": ending.attempts},
+        type="error",
+    )
+    try:
+        task.backend.mark_as_revoked(ctx.job_id, ending.error, request=task.request)
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    except Exception:
+        log.warning("could not record the cancellation of job %s", ctx.job_id, exc_info=True)
+    ignore: Exception = Ignore()
+    return ignore
+
+
 def settle(job_id: str, task_name: str, family: str, data: dict[str, Any]) -> None:
     """A job finished elsewhere: its success envelope in the result backend, then its
     ``*_complete`` event (a follower that sees the event finds the result)."""
