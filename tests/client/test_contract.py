@@ -88,3 +88,19 @@ def test_registered_tasks_are_the_public_task_table_and_each_pool_loads_only_its
     assert public == set(TASK_QUEUES)
     for pool, names in registered.items():
         assert {TASK_QUEUES[n] for n in names if n in TASK_QUEUES} == {pool}
+
+
+def test_beats_frequent_housekeeping_stays_out_of_flowers_list():
+    code = (
+        "from workers.app import app; import tasks.maintenance; "
+        "print(sorted(n for n, t in app.tasks.items() "
+        "if n.startswith('maintenance.') and not t.send_events))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    quiet = json.loads(out.stdout.replace("'", '"'))
+    assert quiet == [
+        "maintenance.flush_dead_letters",
+        "maintenance.queue_metrics",
+        "maintenance.reconcile_workflows",
+    ]
+    assert beat_schedule.BEAT_SCHEDULE["episode-retention"]["task"] not in quiet

@@ -148,6 +148,9 @@ def _beat(args: argparse.Namespace, rest: list[str]) -> int:
 
     app.conf.include = ()  # beat sends by name: it needs no task code
     app.conf.redbeat_redis_url = settings.core().beat_redis_url
+    # Flower learns of beat's jobs from the worker that runs them (or not at all, for the
+    # frequent housekeeping that sends no events: tasks/maintenance.py).
+    app.conf.task_send_sent_event = False
     app.start(["beat", "--loglevel=INFO", *rest])
     return 0
 
