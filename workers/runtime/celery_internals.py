@@ -31,13 +31,26 @@ from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import base as virtual_base
 
-__all__ = ["FenceBroken", "bulk_ack", "check", "count_started", "store_successes"]
+__all__ = [
+    "FenceBroken",
+    "bulk_ack",
+    "check",
+    "count_started",
+    "event_dispatcher",
+    "store_successes",
+]
 
 log = logging.getLogger(__name__)
 
 
 class FenceBroken(RuntimeError):
     """A library no longer behaves as this module relies on: pin it back or update us."""
+
+
+def event_dispatcher(consumer: Any) -> Any | None:
+    """The consumer's task-event dispatcher, when task events are on (``--task-events``)."""
+    dispatcher = getattr(consumer, "event_dispatcher", None)
+    return dispatcher if dispatcher is not None and dispatcher.enabled else None
 
 
 def count_started(task_name: str, records: int) -> None:
