@@ -151,9 +151,11 @@ def test_a_pool_that_cannot_start_is_named_and_the_rest_run(tmp_path):
         assert "all worker pools ready" not in output
         assert "worker-n8n restarted" not in output
     finally:
-        dev.send_signal(signal.SIGTERM)
-        code = dev.wait(60)
+        os.killpg(dev.pid, signal.SIGTERM)  # its whole process group, as a terminal's ^C or
+        code = dev.wait(60)  # `kill -- -PGID` of `make dev` sends it
     assert code == 0, out_path.read_text()[-3000:]
+    output = out_path.read_text()
+    assert "stopped" in output.splitlines()[-1] and "Traceback" not in output
 
 
 def test_submit_says_where_it_sends_when_nothing_is_configured(tmp_path):
