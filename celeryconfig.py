@@ -87,6 +87,11 @@ worker_consumer = "workers.runtime.consumer:Consumer"
 #: to 10 s, about four minutes in all) instead of turning a job that did its work into a failure
 #: (tests/faults/test_redis_restart.py). A job's hard time limit still bounds the wait.
 result_backend_always_retry = True
+#: Seconds a result-backend call may wait on a Redis that stopped answering (Celery's default,
+#: 120, outlasts the episodes pool's 60 s hard limit: a batch would be killed after its rows
+#: were written, over the results it stores). Connection refused fails at once anyway.
+redis_socket_timeout = 15
+redis_socket_connect_timeout = 5
 result_backend_max_retries = 30
 result_backend_base_sleep_between_retries_ms = 100
 result_backend_max_sleep_between_retries_ms = 10_000

@@ -155,6 +155,21 @@ class Env:
         return raw
 
 
+#: The pools' default hard time limits (seconds), as workers/settings.py has them.
+_POOL_TIME_LIMITS = {"AI": 300, "N8N": 120, "EPISODES": 60, "MAINTENANCE": 300}
+
+
+def _longest_time_limit(env: Env) -> int:
+    limits = []
+    for pool, default in _POOL_TIME_LIMITS.items():
+        raw = env.raw(f"CONVEYOR_{pool}_TIME_LIMIT")
+        try:
+            limits.append(int(raw) if raw is not None else default)
+        except ValueError:
+            limits.append(default)
+    return max(limits)
+
+
 def broker_transport_options(visibility_timeout_s: int) -> dict[str, Any]:
     """kombu's Redis transport options: a contract between the submitter and every worker (a
     priority is a list name, the separator is part of every queue key)."""
@@ -200,6 +215,10 @@ class ClientConfig:
     #: Seconds before Redis hands an unacknowledged job to another worker
     #: (``CONVEYOR_VISIBILITY_TIMEOUT``): bounds how far a job may be delayed.
     visibility_timeout_s: int = 1800
+    #: Seconds: the longest hard time limit of the pools (``CONVEYOR_<POOL>_TIME_LIMIT``), read
+    #: leniently (a malformed one is the worker's to refuse): a job delayed past the
+    #: visibility timeout less this could be handed to a second worker.
+    longest_time_limit_s: int = DEFAULT_LONGEST_TIME_LIMIT_S
     #: Priority of a job that names none: 0 (served first) .. 9.
     default_priority: int = 5
     #: Whether the broker came from configuration (False: the default, 127.0.0.1).
@@ -218,6 +237,7 @@ class ClientConfig:
             idempotency_ttl_s=env.integer("CONVEYOR_IDEMPOTENCY_TTL", 86_400, minimum=1),
             episodes_pack=env.integer("CONVEYOR_EPISODES_PACK", 100, minimum=1),
             visibility_timeout_s=env.integer("CONVEYOR_VISIBILITY_TIMEOUT", 1800, minimum=1),
+            longest_time_limit_s=_longest_time_limit(env),
             configured=env.is_set("REDIS_URL") or env.is_set("CELERY_BROKER_URL"),
         )
 
@@ -231,8 +251,8 @@ class ClientConfig:
 
     @property
     def max_delay_s(self) -> float:
-        """Seconds a job may be delayed (``countdown``, ``eta``): DEFAULT_LONGEST_TIME_LIMIT_S."""
-        return float(max(0, self.visibility_timeout_s - DEFAULT_LONGEST_TIME_LIMIT_S))
+        """Seconds a job may be delayed (``countdown``, ``eta``): see longest_time_limit_s."""
+        return float(max(0, self.visibility_timeout_s - self.longest_time_limit_s))
 
     def celery_settings(self) -> dict[str, Any]:
         """The Celery settings a sending-only app needs (JSON only, the shared transport)."""

@@ -244,7 +244,9 @@ class Submitter:
             )
         except _SendFailed as failed:
             # What went out keeps its key; what did not gives it back, so a retry sends it.
-            self._settle_idempotency_keys(task, ours[: failed.sent], ours[failed.sent :])
+            # (Should Redis be away too, the claims lapse in idempotency_pending_ttl_s.)
+            with contextlib.suppress(redis.RedisError):
+                self._settle_idempotency_keys(task, ours[: failed.sent], ours[failed.sent :])
             raise ConveyorError(
                 f"could not enqueue {task} ({failed.sent} of {len(to_send)} sent): {failed.cause}"
             ) from failed.cause
@@ -287,7 +289,7 @@ class Submitter:
         if delay > 0 and delay > self.config.max_delay_s:
             raise ValueError(
                 f"a job can be delayed by at most {self.config.max_delay_s:g} s "
-                "(CONVEYOR_VISIBILITY_TIMEOUT less the longest time limit), not "
+                "(CONVEYOR_VISIBILITY_TIMEOUT less the longest CONVEYOR_<POOL>_TIME_LIMIT), not "
                 f"{delay:g} s: schedule it later instead"
             )
 

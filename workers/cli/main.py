@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     beat.set_defaults(handler=_beat)
 
     flower = commands.add_parser("flower", help="start Flower (extra args go to flower)")
-    flower.add_argument("--port", type=int, default=Env().integer("FLOWER_PORT", 5555, minimum=1))
-    flower.add_argument("--address", default=Env().text("FLOWER_ADDRESS", "127.0.0.1"))
+    flower.add_argument("--port", type=int, help="default: FLOWER_PORT, else 5555")
+    flower.add_argument("--address", help="default: FLOWER_ADDRESS, else 127.0.0.1")
     flower.set_defaults(handler=_flower)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -159,13 +159,16 @@ def _flower(args: argparse.Namespace, rest: list[str]) -> int:
     from workers import settings
     from workers.app import app
 
-    address = args.address
+    env = Env()
+    port = args.port or env.integer("FLOWER_PORT", 5555, minimum=1)
+    address = args.address or env.text("FLOWER_ADDRESS", "127.0.0.1") or "127.0.0.1"
+    args.address = address
     for n, arg in enumerate(rest):  # an --address among the extra args wins, as in Flower
         if arg.startswith("--address="):
             address = arg.split("=", 1)[1]
         elif arg == "--address" and n + 1 < len(rest):
             address = rest[n + 1]
-    flower_args = [f"--port={args.port}", f"--address={args.address}"]
+    flower_args = [f"--port={port}", f"--address={address}"]
     has_auth = settings.flower_authenticated()
     if settings.core().env != "dev" and not has_auth:
         print(

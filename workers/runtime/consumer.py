@@ -22,6 +22,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from conveyor.envelopes import FAMILIES
+from conveyor.messages import PACK_HEADER
 from workers.runtime import outcome
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 class Consumer(CeleryConsumer):
     connection_errors: tuple[type[BaseException], ...]
+    channel_errors: tuple[type[BaseException], ...]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,6 +40,14 @@ class Consumer(CeleryConsumer):
         # back through the visibility timeout, as any message of a lost connection does.
         known: tuple[type[BaseException], ...] = tuple(self.connection_errors)
         self.connection_errors = (*known, AttributeError)
+        #: What a message handler may raise that is the broker's trouble (or ours), not the
+        #: message's: passed on to Celery, which reconnects. (AttributeError is not among
+        #: them: a malformed header can raise it, and that message is refused.)
+        self._not_the_message: tuple[type[BaseException], ...] = (
+            *known,
+            *tuple(self.channel_errors),
+            MemoryError,
+        )
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
@@ -50,6 +60,8 @@ class Consumer(CeleryConsumer):
                     message.reject_log_error(log, self.connection_errors)
                     return None
                 return handle(message)
+            except self._not_the_message:
+                raise
             except Exception as exc:  # a malformed message must never stop the worker
                 self._refuse(message, exc)
                 return None
@@ -148,6 +160,11 @@ def _dead_letter(message: Any, reason: str, error: str) -> None:
         )
     except Exception:  # the message is acknowledged either way; say loudly what was lost
         log.exception("could not dead-letter refused message %s: %s", job_id, error)
+    # A packed message's records have job ids of their own, which their callers wait on.
+    packed = headers.get(PACK_HEADER) if isinstance(headers, dict) else None
+    if isinstance(packed, list):
+        records = [str(r) for r in packed if isinstance(r, str) and r][:10_000]
+        outcome.fail_results(records, f"its message was refused ({reason}): {error}")
 
 
 def _raw_body(message: Any) -> bytes:

@@ -55,9 +55,19 @@ class JobTask(Task):
             ending = outcome.Ending(
                 "timeout", f"killed at the hard time limit ({exc})", self.request.retries + 1
             )
-        else:  # raised before _run could look at it: a message Celery could not apply
+        elif (
+            isinstance(exc, TypeError)
+            and not self.request.called_directly
+            and _unappliable(args, kwargs)
+        ):  # Celery could not even call the job with what the message carried
             ending = outcome.Ending(
                 "poison", f"malformed task message: {type(exc).__name__}: {exc}", 1
+            )
+        else:  # escaped the job's own handling (an outage while ending it, a limit): say so
+            ending = outcome.Ending(
+                "internal",
+                f"{type(exc).__name__} while ending the job: {exc}",
+                self.request.retries + 1,
             )
         try:
             raw_payload = _Arguments(tuple(args or ()), dict(kwargs or {})).raw_payload
@@ -72,6 +82,11 @@ class JobTask(Task):
             family=self.family,
             store_result=False,
         )
+
+
+def _unappliable(args: Any, kwargs: Any) -> bool:
+    """Args or kwargs no call could take (the consumer refuses most such messages first)."""
+    return not isinstance(args, list | tuple) or not isinstance(kwargs, dict | type(None))
 
 
 def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction], Task]:

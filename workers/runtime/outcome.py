@@ -17,6 +17,7 @@ this is the one place to hook metrics and tracing on a job's end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,13 @@ def cancel(task: Task, ctx: JobContext, ending: Ending) -> Exception:
     return ignore
 
 
+def fail_results(job_ids: list[str], error: str) -> None:
+    """Failed results for jobs that end with another's dead letter (the records of a packed
+    message the consumer refused): their callers learn at once. Best effort."""
+    for job_id in job_ids:
+        _store(job_id, JobFailed(error), states.FAILURE)
+
+
 def settle(job_id: str, task_name: str, family: str, data: dict[str, Any]) -> None:
     """A job finished elsewhere: its success envelope in the result backend, then its
     ``*_complete`` event (a follower that sees the event finds the result)."""
@@ -183,11 +191,11 @@ def defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> E
         "progress",
         {"deferred": True, "next_attempt_in_s": round(delay, 3), "reason": str(verdict)},
     )
-    # This delivery ends normally, so it must not count towards the redelivery cap.
-    connections.redis_client().delete(keys.deliveries(ctx.job_id, ctx.attempt))
     request = task.request
     delivery = request.delivery_info or {}
     try:
+        # This delivery ends normally, so it must not count towards the redelivery cap.
+        connections.redis_client().delete(keys.deliveries(ctx.job_id, ctx.attempt))
         task.apply_async(
             args=(raw_payload,),
             task_id=ctx.job_id,
@@ -207,6 +215,8 @@ def _back_to_the_queue(ctx: JobContext, why: str, exc: Exception) -> Exception:
     rather than fail a job an outage interrupted. Redis hands it out again (at once, or after
     the visibility timeout if even the reject is lost); no result is stored for it."""
     log.warning("job %s (%s): %s (%r); back to the queue", ctx.job_id, ctx.task_name, why, exc)
+    with contextlib.suppress(Exception):  # an outage is not the job dying: do not count it
+        connections.redis_client().delete(keys.deliveries(ctx.job_id, ctx.attempt))
     reject: Exception = Reject(f"{why}: {exc}", requeue=True)
     return reject
 
