@@ -96,3 +96,25 @@ def test_waiting_on_a_queue_no_worker_consumes_says_so(redis_client):
     purge(redis_client, "maintenance")
     assert result.returncode == 3
     assert "no running worker consumes the 'maintenance' queue" in result.stderr
+
+
+def test_redis_lost_while_waiting_is_unavailable_not_celerys_restart_message(workers, tmp_path):
+    from workers.dev.embedded import EmbeddedRedis
+
+    valkey = EmbeddedRedis(tmp_path / "valkey", persist=False)
+    url = valkey.start()
+    env = {"REDIS_URL": url, "CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}
+    try:
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "submit", "maintenance.ping", "--wait",
+             "--timeout", "120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+        )  # fmt: skip
+        time.sleep(2.0)  # submitted, and waiting on its result: nobody runs it
+        valkey.stop()
+        _out, err = waiting.communicate(timeout=90)
+    finally:
+        valkey.stop()
+    assert waiting.returncode == 4, err
+    assert "lost Redis while waiting" in err and "Traceback" not in err
+    assert "must be restarted" not in err

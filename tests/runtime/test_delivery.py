@@ -50,7 +50,7 @@ def test_pickled_message_is_refused_and_dead_lettered(workers, submitter, engine
 
 
 def test_payload_invalid_on_receipt_is_poison_not_retried(workers, submitter, engine, redis_client):
-    workers.start("maintenance")
+    worker = workers.start("maintenance")
     job_id = str(uuid.uuid4())
     # Straight to the queue, past the submitter's validation, as a buggy producer would.
     submitter.app.send_task(
@@ -69,6 +69,11 @@ def test_payload_invalid_on_receipt_is_poison_not_retried(workers, submitter, en
     events = _events(redis_client, job_id)
     assert [e["event"] for e in events] == ["maintenance_error"]
     assert events[0]["type"] == "error" and events[0]["data"]["reason"] == "poison"
+    # An expected end, logged once as a warning: no ERROR line, no traceback.
+    lines = [line for line in worker.log().splitlines() if job_id in line]
+    assert any("WARNING" in line and "ended (poison)" in line for line in lines), lines
+    assert not any("ERROR" in line for line in lines), lines
+    assert "Traceback" not in worker.log()
 
 
 def test_unknown_task_on_a_queue_is_dead_lettered(workers, submitter, engine):

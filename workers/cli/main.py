@@ -258,8 +258,14 @@ def _submit(args: argparse.Namespace, rest: list[str]) -> int:
         )
         return EXIT_TIMEOUT
     except (redis.RedisError, OSError, RuntimeError, BackendError) as exc:
-        # RuntimeError: Celery's result consumer gives up reconnecting ("must be restarted").
-        print(f"conveyor submit: lost Redis while waiting for job {job.id}: {exc}", file=sys.stderr)
+        # RuntimeError: Celery's result consumer gave up reconnecting; its own words ("the
+        # Celery application must be restarted") would mislead a caller of this command.
+        why = "it did not come back" if isinstance(exc, RuntimeError) else str(exc)
+        print(
+            f"conveyor submit: lost Redis while waiting for job {job.id} ({why}); the job "
+            "itself is not affected",
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE
     finally:
         watch.cancel()
