@@ -37,3 +37,25 @@ def test_readiness_is_read_from_this_runs_log_lines_only(tmp_path):
     child.process.wait(10)
     assert "starting" in child.log_text()
     assert " ready." not in child.log_text()  # the earlier run's line does not count
+
+
+def test_a_second_stop_signal_cannot_cut_the_clean_up_short():
+    """`make dev` under SIGTERM to its group: conveyor gets the signal, and make forwards its
+    own a moment later, into the clean-up (a traceback and make's "Error 1" before)."""
+    import signal
+
+    import pytest
+
+    from workers.dev import stack
+
+    previous = {
+        sig: signal.signal(sig, stack._raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        with pytest.raises(stack._Stop):
+            stack._raise_stop(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

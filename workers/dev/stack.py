@@ -38,6 +38,10 @@ class _Stop(Exception):
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
+    # One stop is enough: a second signal (make forwards its own SIGTERM, ^C twice) must not
+    # cut the clean-up short. run_dev_stack restores the handlers when it is done.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise _Stop()
 
 
