@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
 import sys
 from typing import Any
 
@@ -19,6 +17,7 @@ from conveyor import PayloadError
 from conveyor.names import QUEUES
 from conveyor.schemas import validate_payload
 from conveyor.schemas.storable import INT32_MAX, MAX_DEPTH, compact_size, json_problems
+from tests.client.test_submit import _cli
 from tests.support.queues import messages, purge
 
 EPISODE = {"user_id": "u", "model_type": "m"}
@@ -233,17 +232,6 @@ def test_the_fast_screen_never_passes_what_the_walk_refuses(value):
     if size is not None:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         assert size == len(text.encode("utf-8", "surrogatepass"))
-
-
-def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "submit", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        env=os.environ.copy(),
-        timeout=60,
-    )
 
 
 CLI_BAD = [
