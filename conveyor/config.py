@@ -210,6 +210,9 @@ class ClientConfig:
     #: submitter that dies between claiming and sending does not leave a key returning, for a
     #: day, a job that was never sent.
     idempotency_pending_ttl_s: int = 60
+    #: Seconds results, and the job index that says whose they are, are kept
+    #: (``CONVEYOR_RESULT_TTL``, Celery's ``result_expires``).
+    result_ttl_s: int = 86_400
     #: Records of ``episodes.record`` one packed message carries (``CONVEYOR_EPISODES_PACK``).
     episodes_pack: int = 100
     #: Seconds before Redis hands an unacknowledged job to another worker
@@ -235,6 +238,7 @@ class ClientConfig:
             result_backend=env.text("CELERY_RESULT_BACKEND"),
             max_payload_bytes=env.integer("CONVEYOR_MAX_PAYLOAD_BYTES", 256 * 1024, minimum=1024),
             idempotency_ttl_s=env.integer("CONVEYOR_IDEMPOTENCY_TTL", 86_400, minimum=1),
+            result_ttl_s=env.integer("CONVEYOR_RESULT_TTL", 86_400, minimum=60),
             episodes_pack=env.integer("CONVEYOR_EPISODES_PACK", 100, minimum=1),
             visibility_timeout_s=env.integer("CONVEYOR_VISIBILITY_TIMEOUT", 1800, minimum=1),
             longest_time_limit_s=_longest_time_limit(env),

@@ -28,6 +28,11 @@ class IdempotencyConflict(ConveyorError, ValueError):
     earlier job is not returned for an ask that is not the same one."""
 
 
+class IdempotencyKeyInFlight(ConveyorError):
+    """The first request with this idempotency key is still being sent: retry shortly (the
+    IETF draft's 409). Its job may or may not come to exist, so no job is returned."""
+
+
 class JobFailed(ConveyorError):
     """Raised by ``Job.result(raise_on_failure=True)`` when the job ended in failure."""
 

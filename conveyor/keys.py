@@ -28,9 +28,21 @@ def events_seq(job_id: str) -> str:
 EVENTS_PATTERN = f"{PREFIX}:events:*"
 
 
-def idempotency(task_name: str, key: str) -> str:
-    """Maps a caller's idempotency key to the job it created, for the idempotency window."""
-    return f"{PREFIX}:idem:{task_name}:{key}"
+def idempotency(tenant: str | None, key: str) -> str:
+    """Maps a caller's idempotency key to the job it created, for the idempotency window.
+    One key space per tenant (``-``: jobs submitted with no tenant), across every task: a key
+    is one ask, and the same key with another task is another ask (a conflict)."""
+    return f"{PREFIX}:idem:{tenant or '-'}:{key}"
+
+
+def job(job_id: str) -> str:
+    """The job index: who submitted a job, which task, when (a hash, with a TTL)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def tenant_jobs(tenant: str | None) -> str:
+    """A tenant's jobs by submit time (a sorted set: job id scored by epoch ms)."""
+    return f"{PREFIX}:jobs:{tenant or '-'}"
 
 
 def deliveries(job_id: str, attempt: int) -> str:

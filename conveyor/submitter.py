@@ -32,13 +32,23 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from conveyor import keys
+from conveyor import jobindex, keys
 from conveyor.config import ClientConfig
-from conveyor.envelopes import TERMINAL_TYPES, iso_ms, result_envelope
-from conveyor.errors import ConveyorError, IdempotencyConflict, JobFailed, PayloadError
+from conveyor.envelopes import iso_ms, result_envelope
+from conveyor.errors import (
+    ConveyorError,
+    IdempotencyConflict,
+    IdempotencyKeyInFlight,
+    JobFailed,
+    PayloadError,
+)
+from conveyor.jobindex import Origin
 from conveyor.messages import message_for
 from conveyor.names import queue_for
 from conveyor.schemas import schema_for, validate_payload
+from conveyor.streams import Follower, decode
+
+__all__ = ["Job", "Origin", "Submitter"]
 
 
 class Job:
@@ -88,13 +98,19 @@ class Job:
             raise JobFailed(envelope["error"])
         return envelope
 
-    def events(self, *, timeout: float | None = None, since: str = "0") -> Iterator[dict[str, Any]]:
-        """The job's events from the first (replayed from its stream), then live, until a
-        ``complete`` or ``error`` event; stops early after ``timeout`` seconds of waiting."""
+    def events(
+        self, *, timeout: float | None = None, from_seq: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """The job's events after ``from_seq`` (from the first by default: replayed from its
+        stream, then live), each once and in order, until a ``complete`` or ``error`` event;
+        stops early after ``timeout`` seconds of waiting. Events trimmed from the capped
+        stream come as one ``{"control": "gap", "from_seq", "to_seq"}`` marker instead (the
+        result still says how the job ended)."""
         client = self._submitter.redis
         stream = keys.events_stream(self.id)
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_id = since
+        follower = Follower(self.id, from_seq)
+        last_id: Any = "0"
         while True:
             block_ms = 1000
             if deadline is not None:
@@ -103,14 +119,12 @@ class Job:
                     return
                 block_ms = max(1, min(block_ms, int(left * 1000)))
             # bytes replies (no decode_responses): typed loosely by redis-py's stubs
-            replies: Any = client.xread({stream: last_id}, block=block_ms, count=100)
+            replies: Any = client.xread({stream: last_id}, block=block_ms, count=500)
             for _, entries in replies or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    event = json.loads(fields[b"event"])
-                    yield event
-                    if event["type"] in TERMINAL_TYPES:
-                        return
+                last_id = entries[-1][0]
+                yield from follower.replay(decode(fields) for _, fields in entries)
+                if follower.ended:
+                    return
 
 
 class _ClientApp(Celery):
@@ -179,9 +193,11 @@ class Submitter:
         priority: int | None = None,
         countdown: float | None = None,
         eta: datetime | None = None,
+        origin: Origin | None = None,
     ) -> Job:
-        """Enqueue one job. With an ``idempotency_key`` already used for ``task`` within the
-        idempotency window, nothing is enqueued and the first job is returned."""
+        """Enqueue one job. With an ``idempotency_key`` already used for the same task and
+        payload within the idempotency window, nothing is enqueued and the first job is
+        returned; ``origin`` says whose it is and carries its correlation ids."""
         return self.submit_many(
             task,
             [payload],
@@ -189,6 +205,7 @@ class Submitter:
             priority=priority,
             countdown=countdown,
             eta=eta,
+            origin=origin,
         )[0]
 
     def submit_many(
@@ -200,6 +217,7 @@ class Submitter:
         priority: int | None = None,
         countdown: float | None = None,
         eta: datetime | None = None,
+        origin: Origin | None = None,
     ) -> list[Job]:
         """Validate every payload first (one bad payload enqueues nothing), then send them all
         over one broker connection. Jobs come back in the order of ``payloads``, one per
@@ -229,7 +247,7 @@ class Submitter:
             for i, key in enumerate(idem)
         ]
         try:
-            existing = self._claim_idempotency_keys(task, claims)
+            existing = self._claim_idempotency_keys(task, claims, origin)
         except redis.RedisError as exc:
             raise ConveyorError(f"could not reach Redis to check idempotency keys: {exc}") from exc
         to_send = [i for i, prior in enumerate(existing) if prior is None]
@@ -241,19 +259,26 @@ class Submitter:
                 priority=priority,
                 countdown=countdown,
                 eta=eta,
+                headers=origin.headers() if origin else None,
             )
         except _SendFailed as failed:
             # What went out keeps its key; what did not gives it back, so a retry sends it.
             # (Should Redis be away too, the claims lapse in idempotency_pending_ttl_s.)
             with contextlib.suppress(redis.RedisError):
-                self._settle_idempotency_keys(task, ours[: failed.sent], ours[failed.sent :])
+                self._settle(
+                    task,
+                    [job_ids[i] for i in to_send[: failed.sent]],
+                    origin,
+                    ours[: failed.sent],
+                    ours[failed.sent :],
+                )
             raise ConveyorError(
                 f"could not enqueue {task} ({failed.sent} of {len(to_send)} sent): {failed.cause}"
             ) from failed.cause
         # Sent. Should Redis fail right now, the keys stay pending and lapse in
         # idempotency_pending_ttl_s: a retry after that would send these jobs again.
         with contextlib.suppress(redis.RedisError):
-            self._settle_idempotency_keys(task, ours, [])
+            self._settle(task, [job_ids[i] for i in to_send], origin, ours, [])
         return [
             Job(self, prior, task, duplicate=True)
             if prior is not None
@@ -275,6 +300,18 @@ class Submitter:
         _, started = pipe.execute()
         return "running" if started else "not started"
 
+    def states(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Celery's result metadata of each job (``status``, ``result``, ``date_done``), in
+        one round trip on a Redis backend; None for a job with none yet (queued, or unknown)."""
+        backend: Any = self.app.backend
+        if not job_ids:
+            return []
+        if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
+            raw = backend.mget([backend.get_key_for_task(job_id) for job_id in job_ids])
+            return [None if value is None else backend.decode_result(value) for value in raw]
+        metas = [backend.get_task_meta(job_id) for job_id in job_ids]
+        return [None if meta.get("status") == "PENDING" else meta for meta in metas]
+
     def job(self, job_id: str, task: str = "") -> Job:
         """A handle on a job submitted earlier (by any process)."""
         return Job(self, job_id, task)
@@ -293,15 +330,19 @@ class Submitter:
                 f"{delay:g} s: schedule it later instead"
             )
 
-    def _claim_idempotency_keys(self, task: str, claims: list[_Claim | None]) -> list[str | None]:
-        """For each payload: None when it is new (key claimed, pending, or no key), else the
-        prior job id. A key held for another payload raises ``IdempotencyConflict``."""
+    def _claim_idempotency_keys(
+        self, task: str, claims: list[_Claim | None], origin: Origin | None
+    ) -> list[str | None]:
+        """For each payload: None when it is new (key claimed, or no key), else the prior job
+        id. A key held for another payload (or task) raises ``IdempotencyConflict``; one whose
+        first job is still being sent raises ``IdempotencyKeyInFlight``."""
         claimed = [(i, c) for i, c in enumerate(claims) if c is not None]
         if not claimed:
             return [None] * len(claims)
+        tenant = origin.tenant if origin else None
         pipe = self.redis.pipeline(transaction=False)
         for _, c in claimed:
-            name = keys.idempotency(task, c.key)
+            name = keys.idempotency(tenant, c.key)
             pipe.set(name, c.pending, nx=True, ex=self.config.idempotency_pending_ttl_s)
             pipe.get(name)
         replies = pipe.execute()
@@ -317,32 +358,47 @@ class Submitter:
                     )
                 result[i] = first.job_id
             elif not won:
-                prior_job, prior_digest = _parse_claim(holder.decode())
+                holder_text = holder.decode()
+                prior_job, prior_digest = _parse_claim(holder_text)
                 if prior_digest is not None and prior_digest != c.digest:
                     raise IdempotencyConflict(
-                        f"idempotency key {c.key!r} was used for a different {task} payload "
-                        f"(job {prior_job}) within the last "
+                        f"idempotency key {c.key!r} was used for a different ask (another "
+                        f"payload or task; job {prior_job}) within the last "
                         f"{self.config.idempotency_ttl_s} s; use a new key for a new ask"
+                    )
+                if holder_text.endswith("|pending"):
+                    raise IdempotencyKeyInFlight(
+                        f"idempotency key {c.key!r}: the first request with it is still being "
+                        "sent; retry in a moment"
                     )
                 result[i] = prior_job
             else:
                 seen[c.key] = c
         return result
 
-    def _settle_idempotency_keys(
-        self, task: str, sent: list[_Claim | None], unsent: list[_Claim | None]
+    def _settle(
+        self,
+        task: str,
+        sent_ids: list[str],
+        origin: Origin | None,
+        sent: list[_Claim | None],
+        unsent: list[_Claim | None],
     ) -> None:
-        """Keys of jobs that reached the broker hold their job for the idempotency window;
-        keys of jobs that did not are given back (each only if still this call's claim)."""
+        """One round trip after sending: the sent jobs into the job index; keys of jobs that
+        reached the broker hold their job for the idempotency window, keys of jobs that did
+        not are given back (each only if still this call's claim)."""
+        pipe = self.redis.pipeline(transaction=False)
+        jobindex.record(pipe, task, sent_ids, origin, ttl_s=self.config.result_ttl_s)
         sent_claims = [c for c in sent if c is not None]
         unsent_claims = [c for c in unsent if c is not None]
-        if not sent_claims and not unsent_claims:
-            return
-        names = [keys.idempotency(task, c.key) for c in (*sent_claims, *unsent_claims)]
-        args: list[Any] = [self.config.idempotency_ttl_s, len(sent_claims)]
-        for c in (*sent_claims, *unsent_claims):
-            args += [c.pending, c.sent]
-        self.redis.eval(_SETTLE_CLAIMS, len(names), *names, *args)
+        if sent_claims or unsent_claims:
+            tenant = origin.tenant if origin else None
+            names = [keys.idempotency(tenant, c.key) for c in (*sent_claims, *unsent_claims)]
+            args: list[Any] = [self.config.idempotency_ttl_s, len(sent_claims)]
+            for c in (*sent_claims, *unsent_claims):
+                args += [c.pending, c.sent]
+            pipe.eval(_SETTLE_CLAIMS, len(names), *names, *args)
+        pipe.execute()
 
     def _send(
         self,
@@ -354,6 +410,7 @@ class Submitter:
         eta: datetime | None,
         pack: int | None = None,
         queue: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Send ``jobs`` (job id, payload) of ``task``, up to ``pack`` a message (default: the
         task's setting, 1 for tasks that are not packed). Not validated here: ``submit_many``
@@ -365,13 +422,15 @@ class Submitter:
         if priority is None:
             priority = self.config.default_priority  # send_task does not apply it itself
         size = pack or self._pack.get(task, 1)
-        options = {
+        options: dict[str, Any] = {
             "queue": queue,
             "routing_key": queue,
             "priority": priority,
             "countdown": countdown,
             "eta": eta,
         }
+        if headers:
+            options["headers"] = headers
         sent = 0
         try:
             with self.app.producer_or_acquire() as producer:
