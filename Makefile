@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint format clean soak
+.PHONY: install dev test lint format clean soak browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,23 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The live page's tests drive Debian's Chromium (Playwright never downloads a browser here).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium at $(CHROMIUM) (or set CHROMIUM=…): the browser tests need it"; exit 1; }
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium \
+	  || { DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+browser: $(CHROMIUM)
+
 ## Run the whole stack (embedded Redis/Postgres unless REDIS_URL/DATABASE_URL are set) and a first job.
 dev: install
 	$(BIN)/conveyor dev
 
 ## Lint, then the whole test suite against real servers and real workers.
-test: install lint
-	$(BIN)/pytest
+test: install lint browser
+	CHROMIUM=$(CHROMIUM) $(BIN)/pytest
 
 ## Rules checked by tools: style, types (strict on the client and the runtime), import layering.
 lint: install

@@ -54,11 +54,14 @@ def result_envelope(
     data: dict[str, Any] | None = None,
     error: str | None = None,
     timestamp: str | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
+    """``request_id``: the request that made the job (the gateway's ``X-Request-ID``); the
+    job's id when no request made it."""
     return {
         "success": success,
         "data": data if data is not None else {},
         "error": error,
         "timestamp": timestamp or utc_now_iso(),
-        "request_id": job_id,
+        "request_id": request_id or job_id,
     }

@@ -33,6 +33,22 @@ class Origin:
     traceparent: str | None = None
     retry_of: str | None = None
 
+    @classmethod
+    def from_headers(cls, get: Any) -> Origin:
+        """The origin a received message carries; ``get(name)`` reads one header (absent or
+        not text: None, so a hand-made message cannot break a job with odd headers)."""
+
+        def text(name: str) -> str | None:
+            value = get(name)
+            return value if isinstance(value, str) and value else None
+
+        return cls(
+            tenant=text(HEADER_TENANT),
+            request_id=text(HEADER_REQUEST_ID),
+            traceparent=text(HEADER_TRACEPARENT),
+            retry_of=text(HEADER_RETRY_OF),
+        )
+
     def headers(self) -> dict[str, str]:
         """The message headers that carry it (absent fields are left out)."""
         found = {
@@ -94,10 +110,17 @@ def record(
     )
     for job_id in job_ids:
         pipe.set(keys.job(job_id), entry, ex=ttl_s)
-    listing = keys.tenant_jobs(origin.tenant)
-    pipe.zadd(listing, {job_id: now_ms for job_id in job_ids})
-    pipe.zremrangebyscore(listing, "-inf", now_ms - ttl_s * 1000)
-    pipe.expire(listing, ttl_s)
+    listings = {keys.tenant_jobs(None), keys.tenant_jobs(origin.tenant)}
+    for listing in listings:
+        pipe.zadd(listing, {job_id: now_ms for job_id in job_ids})
+        pipe.zremrangebyscore(listing, "-inf", now_ms - ttl_s * 1000)
+        pipe.expire(listing, ttl_s)
+
+
+def visible(entry: IndexedJob | None, tenant: str | None) -> bool:
+    """Whether a caller acting for ``tenant`` may see the job (None: the operator, who sees
+    every tenant's)."""
+    return entry is not None and (tenant is None or entry.tenant == tenant)
 
 
 def lookup(client: redis.Redis, job_ids: Sequence[str]) -> list[IndexedJob | None]:
@@ -134,7 +157,8 @@ def recent(
     offset: int = 0,
     count: int = 100,
 ) -> list[str]:
-    """Ids of the tenant's jobs submitted in [since, until], newest first."""
+    """Ids of the tenant's jobs submitted in [since, until], newest first (``tenant`` None:
+    everyone's)."""
     high = "+inf" if until_ms is None else until_ms
     low = "-inf" if since_ms is None else since_ms
     ids: Any = client.zrevrangebyscore(keys.tenant_jobs(tenant), high, low, start=offset, num=count)

@@ -41,8 +41,9 @@ def job(job_id: str) -> str:
 
 
 def tenant_jobs(tenant: str | None) -> str:
-    """A tenant's jobs by submit time (a sorted set: job id scored by epoch ms)."""
-    return f"{PREFIX}:jobs:{tenant or '-'}"
+    """A tenant's jobs by submit time (a sorted set: job id scored by epoch ms); ``None``:
+    every job, whoever's (the operator's view)."""
+    return f"{PREFIX}:jobs:{tenant}" if tenant else f"{PREFIX}:jobs:*"
 
 
 def deliveries(job_id: str, attempt: int) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 from conveyor.envelopes import TERMINAL_TYPES
 
 
-def gap(job_id: str, from_seq: int, to_seq: int) -> dict[str, Any]:
-    """The marker for events ``from_seq``..``to_seq`` (inclusive) that cannot be delivered."""
+def gap(job_id: str, from_seq: int, to_seq: int | None) -> dict[str, Any]:
+    """The marker for events ``from_seq``..``to_seq`` (inclusive) that cannot be delivered
+    (``to_seq`` None: every event from ``from_seq`` on has expired)."""
     return {"control": "gap", "job_id": job_id, "from_seq": from_seq, "to_seq": to_seq}
 
 
@@ -66,6 +67,16 @@ class Follower:
         if seq > self.last_seq:
             self._held[seq] = event
         return self._release()
+
+    def skip(self, to_seq: int) -> list[dict[str, Any]]:
+        """Give up on events up to ``to_seq`` (dropped for a slow reader): a gap marker for
+        those not yet delivered, then whatever was held back behind them."""
+        out: list[dict[str, Any]] = []
+        if to_seq > self.last_seq and not self.ended:
+            out.append(gap(self.job_id, self.last_seq + 1, to_seq))
+            self.last_seq = to_seq
+            self._held = {s: e for s, e in self._held.items() if s > to_seq}
+        return out + self._release()
 
     @property
     def missing(self) -> bool:

@@ -29,12 +29,15 @@ __all__ = [
     "ConfigError",
     "CoreSettings",
     "EpisodeSettings",
+    "GatewaySettings",
     "N8nSettings",
     "PoolSettings",
     "ai",
+    "check_gateway",
     "check_pool",
     "core",
     "episodes",
+    "gateway",
     "n8n",
     "pool",
     "pools",
@@ -351,6 +354,104 @@ _FAMILY_SECTIONS = {
 }
 
 
+# --- Gateway: ``conveyor gateway`` ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str
+    port: int
+    #: sha256 hex digest of each API key -> its tenant (``CONVEYOR_GATEWAY_KEYS``,
+    #: ``tenant:digest,…``; ``conveyor gateway-key TENANT`` makes a key and its entry). Keys
+    #: themselves are never configured, so a leaked config leaks no key.
+    key_tenants: Mapping[str, str]
+    #: Requests (jobs, for a batch) one key may make, as ``limits`` writes it: ``100/second``,
+    #: ``5000/minute``; shared by every gateway process through Redis.
+    rate_limit: str
+    #: Signs the short-lived tokens that let a browser follow one job's events. Every gateway
+    #: process must share it; dev mode makes one per process when unset.
+    token_secret: str | None
+    token_ttl_s: int
+    #: Bytes a request body may take (a batch holds up to ``max_batch`` payloads).
+    max_body_bytes: int
+    max_batch: int
+    #: Seconds between keep-alive comments on an idle event stream (proxies close silent ones).
+    keepalive_s: float
+    #: Events a WebSocket client may have waiting before its slowest ones are dropped for a
+    #: gap marker: one slow reader never stalls the others, nor grows without bound.
+    client_buffer: int
+
+
+TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@functools.cache
+def gateway() -> GatewaySettings:
+    env = _env()
+    key_tenants: dict[str, str] = {}
+    raw_keys = env.raw("CONVEYOR_GATEWAY_KEYS")
+    for n, entry in enumerate((raw_keys or "").split(","), start=1):
+        if not entry.strip():
+            continue
+        tenant, sep, digest = entry.strip().partition(":")
+        digest = digest.strip().lower()
+        if not sep or not tenant or not set(tenant) <= TENANT_CHARS or len(tenant) > 64:
+            raise ConfigError(
+                f"CONVEYOR_GATEWAY_KEYS: entry {n} must be tenant:sha256-hex, the tenant 1-64 "
+                "letters, digits, '-', '_' or '.'"
+            )
+        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise ConfigError(
+                f"CONVEYOR_GATEWAY_KEYS: entry {n} ({tenant}) must hold the key's sha256 hex "
+                "digest (64 characters), not the key: `conveyor gateway-key TENANT` makes both"
+            )
+        key_tenants[digest] = tenant
+    rate_limit = env.text("CONVEYOR_GATEWAY_RATE_LIMIT", "200/second") or "200/second"
+    try:
+        from limits import parse
+
+        parse(rate_limit)
+    except ValueError:
+        raise ConfigError(
+            f"CONVEYOR_GATEWAY_RATE_LIMIT={rate_limit!r} is not a rate such as 100/second"
+        ) from None
+    secret = env.raw("CONVEYOR_GATEWAY_SECRET")
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("CONVEYOR_GATEWAY_SECRET must be at least 32 characters long")
+    return GatewaySettings(
+        host=env.text("CONVEYOR_GATEWAY_HOST", "127.0.0.1") or "127.0.0.1",
+        port=env.integer("CONVEYOR_GATEWAY_PORT", 8000, minimum=0, maximum=65535),
+        key_tenants=key_tenants,
+        rate_limit=rate_limit,
+        token_secret=secret,
+        token_ttl_s=env.integer("CONVEYOR_GATEWAY_TOKEN_TTL", 3600, minimum=10),
+        max_body_bytes=env.integer(
+            "CONVEYOR_GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024, minimum=1024
+        ),
+        max_batch=env.integer("CONVEYOR_GATEWAY_MAX_BATCH", 1000, minimum=1),
+        keepalive_s=env.seconds("CONVEYOR_GATEWAY_KEEPALIVE", 15.0),
+        client_buffer=env.integer("CONVEYOR_GATEWAY_CLIENT_BUFFER", 1000, minimum=10),
+    )
+
+
+def check_gateway() -> GatewaySettings:
+    """Everything ``conveyor gateway`` needs, checked at start: outside dev mode it refuses
+    to serve without API keys or without a token secret."""
+    spec = gateway()
+    if core().env != "dev":
+        if not spec.key_tenants:
+            raise ConfigError(
+                "CONVEYOR_GATEWAY_KEYS is not set: outside dev mode (CONVEYOR_ENV=dev) the "
+                "gateway serves no one without API keys (`conveyor gateway-key TENANT`)"
+            )
+        if spec.token_secret is None:
+            raise ConfigError(
+                "CONVEYOR_GATEWAY_SECRET is not set: outside dev mode every gateway process "
+                "must sign event tokens with the same secret (32+ characters)"
+            )
+    return spec
+
+
 def check_pool(name: str) -> PoolSettings:
     """Read everything a worker of pool ``name`` needs; ``ConfigError`` names what is wrong."""
     core()
@@ -393,6 +494,6 @@ def allow_unauthenticated_flower_api() -> None:
 
 def reset() -> None:
     """Forget what was read (tests change the environment between cases)."""
-    for cached in (core, pool, ai, n8n, episodes):
+    for cached in (core, pool, ai, n8n, episodes, gateway):
         cached.cache_clear()
     _current_pool.clear()

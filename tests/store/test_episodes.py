@@ -72,7 +72,7 @@ def test_a_row_postgres_refuses_is_isolated_and_the_rest_is_written(conn, engine
     # Past the schema (which refuses both): a NUL in text fails in psycopg2, a \u0000 in jsonb
     # fails in Postgres.
     rows[3] = (*rows[3][:5], "bad\x00prompt", *rows[3][6:])
-    rows[17] = (*rows[17][:14], json.dumps({"k": "\u0000"}))
+    rows[17] = (*rows[17][:14], json.dumps({"k": "\u0000"}), *rows[17][15:])
     result = insert_episodes(conn, rows)
     assert sorted(result.rejected) == [3, 17]
     assert "NUL" in result.rejected[3]

@@ -144,6 +144,7 @@ def _record(
     log_episode(
         ctx.job_id,
         together=True,
+        tenant=ctx.origin.tenant,
         user_id=payload.user_id or "anonymous",
         session_id=payload.session_id,
         model_type=f"{result.provider}:{c.model}",

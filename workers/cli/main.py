@@ -5,9 +5,14 @@ conveyor dev                         the whole stack on this machine (embedded s
 conveyor worker POOL [celery args]   one worker pool: ai, n8n, episodes, maintenance
 conveyor beat [celery args]          the scheduler (celery-redbeat, lock-safe)
 conveyor flower [flower args]        monitoring (authentication required outside dev mode)
+conveyor gateway                     the HTTP API, its live events and the /ui page
+conveyor gateway-key TENANT          make an API key for a tenant
 conveyor migrate                     bring the database schema up to date
 conveyor submit TASK --data JSON     enqueue a job; --wait for its result, --follow its events
 conveyor cancel JOB_ID               ask a job to stop (queued or streaming)
+conveyor status|result|events JOB_ID a job's status, its result, its events (replay + follow)
+conveyor jobs [filters]              recent jobs, newest first (--tenant, --task, --status)
+conveyor dead-letters list|show|retry|purge   inspect and re-submit what failed for good
 conveyor episodes [filters]          episodes as JSON lines, newest first (--cursor pages on)
 """
 
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, rest) or 0)
     except ConfigError as exc:
         print(f"conveyor {args.command}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if args.command in ("worker", "beat", "flower") else EXIT_BAD_INPUT
+        starts = ("worker", "beat", "flower", "gateway")
+        return EXIT_CONFIG if args.command in starts else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
 
@@ -118,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     episodes.add_argument("--cursor", help="the next_cursor a previous page printed")
     episodes.add_argument("--all", action="store_true", help="every page, not just one")
     episodes.set_defaults(handler=_episodes)
+
+    from workers.cli import dead_letters as dead_letters_cli
+    from workers.cli import gateway as gateway_cli
+    from workers.cli import jobs as jobs_cli
+
+    jobs_cli.register(commands)
+    dead_letters_cli.register(commands)
+    gateway_cli.register(commands)
     return parser
 
 

@@ -46,12 +46,13 @@ def read_dev_env(path: Path) -> dict[str, str]:
     return values
 
 
-def write_dev_env(redis_url: str, database_url: str) -> Path:
+def write_dev_env(redis_url: str, database_url: str, gateway_url: str = "") -> Path:
     path = dev_env_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         "# Written by `conveyor dev` while it runs: `source` it to reach the dev stack.\n"
-        f"export REDIS_URL='{redis_url}'\nexport DATABASE_URL='{database_url}'\n",
+        f"export REDIS_URL='{redis_url}'\nexport DATABASE_URL='{database_url}'\n"
+        + (f"export CONVEYOR_GATEWAY_URL='{gateway_url}'\n" if gateway_url else ""),
         encoding="utf-8",
     )
     return path

@@ -20,6 +20,7 @@ from workers.dev.env import child_environment, conveyor_home, dev_env_path, writ
 
 _PREFERRED_REDIS_PORT = 16379
 _PREFERRED_FLOWER_PORT = 5555
+_PREFERRED_GATEWAY_PORT = 8000
 #: Smaller pools than production's defaults: a laptop, not a fleet.
 _DEV_DEFAULTS = {
     "CONVEYOR_ENV": "dev",
@@ -71,8 +72,10 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
             database_url = embedded_pg.create_database("conveyor")
             say(f"embedded PostgreSQL at {database_url}")
 
+        gateway_port = free_port(_PREFERRED_GATEWAY_PORT)
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
         child_env = child_environment(_DEV_DEFAULTS, REDIS_URL=redis_url, DATABASE_URL=database_url)
-        write_dev_env(redis_url, database_url)
+        write_dev_env(redis_url, database_url, gateway_url)
 
         from workers.store.migrate import upgrade
 
@@ -98,11 +101,19 @@ def run_dev_stack(*, demo: bool = True, flower_port: int = _PREFERRED_FLOWER_POR
             log_path=logs / "flower.log",
             env=child_env,
         )
+        supervisor.add(
+            "gateway",
+            [*python, "gateway", f"--port={gateway_port}"],
+            log_path=logs / "gateway.log",
+            env=child_env,
+        )
         say(f"started {len(supervisor.children)} processes; logs in {logs}")
         ready = _wait_for_workers(supervisor, logs, timeout_s=90)
         say(
             f"Flower: http://127.0.0.1:{flower_port}  (dev mode: no authentication, localhost only)"
         )
+        say(f"gateway: {gateway_url}/api/v1  (API docs {gateway_url}/docs)")
+        say(f"live page: {gateway_url}/ui/  (the first job shows there)")
         if demo and MAINTENANCE in ready:
             _first_job(started)
         elif demo:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from conveyor.jobindex import Origin
 from conveyor.messages import message_for
 from conveyor.schemas.episodes import EpisodePayload
 from workers import settings
@@ -39,12 +40,16 @@ def episode_id_for(job_id: str) -> str:
     return f"job:{job_id}"
 
 
-def log_episode(job_id: str, *, together: bool = False, **fields: Any) -> str:
+def log_episode(
+    job_id: str, *, together: bool = False, tenant: str | None = None, **fields: Any
+) -> str:
     """Validate and enqueue one episode for ``job_id``; returns the episode id.
 
     ``fields`` are ``EpisodePayload``'s (user_id, model_type, prompt, response, tokens, ...).
     ``together``: share a message with the episodes other threads of this process log within
-    the outbox window (for pools of many threads; a lone thread would only wait).
+    the outbox window (for pools of many threads; a lone thread would only wait). ``tenant``:
+    whose job made it (its message header; one outbox per tenant, so a message is one
+    tenant's).
     """
     episode_id = episode_id_for(job_id)
     payload = EpisodePayload.model_validate(
@@ -52,15 +57,18 @@ def log_episode(job_id: str, *, together: bool = False, **fields: Any) -> str:
     ).model_dump(mode="json", exclude_none=True)
     record = (f"episode-{job_id}", payload)
     if together:
-        outbox().put(record)
+        outbox(tenant).put(record)
     else:
-        send_episodes([record])
+        send_episodes([record], tenant=tenant)
     return episode_id
 
 
-def send_episodes(records: list[Record]) -> None:
+def send_episodes(records: list[Record], *, tenant: str | None = None) -> None:
     """One ``episodes.record`` message: a plain one for one record, else a pack."""
-    sending.send("episodes.record", message_for(records))
+    message = message_for(records)
+    if tenant is not None:
+        message["headers"] = {**message.get("headers", {}), **Origin(tenant=tenant).headers()}
+    sending.send("episodes.record", message)
 
 
 class EpisodeNotSent(Retryable):
@@ -125,8 +133,11 @@ class EpisodeOutbox:
 
 
 @functools.cache
-def outbox() -> EpisodeOutbox:
+def outbox(tenant: str | None = None) -> EpisodeOutbox:
+    """The process's outbox for one tenant's episodes."""
     ai = settings.ai()
     return EpisodeOutbox(
-        send_episodes, window_s=ai.episode_outbox_ms / 1000, max_records=ai.episodes_pack
+        functools.partial(send_episodes, tenant=tenant),
+        window_s=ai.episode_outbox_ms / 1000,
+        max_records=ai.episodes_pack,
     )

@@ -51,7 +51,7 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
             _fail(ctx, item, "poison", str(exc), i, retry)
             continue
         episode_id = payload.episode_id or episode_id_for(item.job_id)
-        rows.append(episode_row(payload, episode_id=episode_id))
+        rows.append(episode_row(payload, episode_id=episode_id, tenant=item.origin.tenant))
         rows_ids.append(episode_id)
         where.append(i)
     if not rows:

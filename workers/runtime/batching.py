@@ -70,6 +70,7 @@ from celery import Task
 from celery.exceptions import InvalidTaskError
 
 from conveyor.envelopes import FAMILIES
+from conveyor.jobindex import Origin
 from conveyor.messages import PACK_HEADER
 from workers import settings
 from workers.app import app
@@ -271,6 +272,7 @@ class Batcher:
         info = message.delivery_info or {}
         queue = info.get("routing_key")
         redelivered = bool(info.get("redelivered") or headers.get("redelivered"))
+        origin = Origin.from_headers(headers.get) if isinstance(headers, dict) else Origin()
         delivery = _Delivery(message, ack, reject, pending=len(payloads), received=time.monotonic())
         self._send_event(
             "task-received",
@@ -283,7 +285,7 @@ class Batcher:
         )
         self.add(
             [
-                _Held(Item(job_id, payload, queue, redelivered), delivery)
+                _Held(Item(job_id, payload, queue, redelivered, origin), delivery)
                 for job_id, payload in zip(job_ids, payloads, strict=True)
             ]
         )

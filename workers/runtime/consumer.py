@@ -22,6 +22,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from conveyor.envelopes import FAMILIES
+from conveyor.jobindex import Origin
 from conveyor.messages import PACK_HEADER
 from workers.runtime import outcome
 
@@ -157,6 +158,7 @@ def _dead_letter(message: Any, reason: str, error: str) -> None:
             queue=queue,
             family=queue if queue in FAMILIES else None,
             store_result=bool(job_id),
+            origin=Origin.from_headers(headers.get) if isinstance(headers, dict) else None,
         )
     except Exception:  # the message is acknowledged either way; say loudly what was lost
         log.exception("could not dead-letter refused message %s: %s", job_id, error)

@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.envelopes import EventSuffix, EventType, component_of, event_name
+from conveyor.jobindex import Origin
 from workers import settings
 from workers.runtime import connections
 from workers.runtime.events import EventPublisher
 
 log = logging.getLogger(__name__)
+
+#: A job no request made (beat's, a test's): no tenant, no correlation ids.
+NO_ORIGIN = Origin()
 
 
 @functools.cache
@@ -43,6 +47,8 @@ class JobContext:
     family: str
     #: The Celery worker's node name, e.g. ``ai@host``.
     hostname: str = ""
+    #: Whose job and which request made it: carried into its events, logs and dead letter.
+    origin: Origin = NO_ORIGIN
 
     def emit(
         self, suffix: EventSuffix, data: dict[str, Any], *, type: EventType = "update"
@@ -54,6 +60,7 @@ class JobContext:
             component=component_of(self.family),
             event=event_name(self.family, suffix),
             data=data,
+            request_id=self.origin.request_id,
         )
 
     def emit_soon(self, suffix: EventSuffix, data: dict[str, Any]) -> None:
@@ -66,6 +73,7 @@ class JobContext:
             component=component_of(self.family),
             event=event_name(self.family, suffix),
             data=data,
+            request_id=self.origin.request_id,
         )
 
     def progress(self, **data: Any) -> None:
@@ -98,6 +106,8 @@ class Item:
     queue: str | None = None
     #: Handed out before (restored from a dead worker, or given back).
     redelivered: bool = False
+    #: Whose record and which request sent it (the message's headers).
+    origin: Origin = NO_ORIGIN
 
 
 @dataclass(frozen=True)
@@ -131,4 +141,5 @@ class BatchContext:
             queue=item.queue,
             family=self.family,
             store_result=True,
+            origin=item.origin,
         )

@@ -112,10 +112,17 @@ class EventPublisher:
         self._sender_pid = 0
 
     def publish(
-        self, job_id: str, *, type: EventType, component: str, event: str, data: dict[str, Any]
+        self,
+        job_id: str,
+        *,
+        type: EventType,
+        component: str,
+        event: str,
+        data: dict[str, Any],
+        request_id: str | None = None,
     ) -> int:
         """Publish one event now, after the job's queued ones; returns its ``seq``."""
-        new = self._event(job_id, type, component, event, data)
+        new = self._event(job_id, type, component, event, data, request_id)
         with self._lock:
             mine = self._queued.pop(job_id, [])
             batch = self._in_flight
@@ -124,11 +131,18 @@ class EventPublisher:
         return self._send([*mine, new])[-1]
 
     def publish_soon(
-        self, job_id: str, *, type: EventType, component: str, event: str, data: dict[str, Any]
+        self,
+        job_id: str,
+        *,
+        type: EventType,
+        component: str,
+        event: str,
+        data: dict[str, Any],
+        request_id: str | None = None,
     ) -> None:
         """Queue one event for the next batch (within ``batch_s``). Its timestamp is now; a
         failure to send it is logged, not raised: for events a job can do without."""
-        new = self._event(job_id, type, component, event, data)
+        new = self._event(job_id, type, component, event, data, request_id)
         with self._lock:
             self._queued.setdefault(job_id, []).append(new)
         if self._sender_pid != os.getpid():
@@ -154,9 +168,18 @@ class EventPublisher:
                 batch.sent.set()
 
     def _event(
-        self, job_id: str, type: str, component: str, event: str, data: dict[str, Any]
+        self,
+        job_id: str,
+        type: str,
+        component: str,
+        event: str,
+        data: dict[str, Any],
+        request_id: str | None = None,
     ) -> _Event:
-        tail = f',"data":{_json(data)},"timestamp":"{utc_now_iso()}"}}'
+        # The request that made the job, when one did (the gateway's X-Request-ID): after
+        # DESIGN.md's fields, so a dashboard that knows only those reads on unchanged.
+        extra = f',"request_id":{json.dumps(request_id)}' if request_id else ""
+        tail = f',"data":{_json(data)},"timestamp":"{utc_now_iso()}"{extra}}}'
         return _keys_of(job_id), _head(type, component, event, job_id), tail
 
     def _send(self, events: list[_Event]) -> list[int]:

@@ -20,6 +20,7 @@ from celery.exceptions import Ignore, TimeLimitExceeded
 from conveyor import keys
 from conveyor.envelopes import FAMILIES, result_envelope
 from conveyor.errors import JobFailed, PayloadError
+from conveyor.jobindex import Origin
 from conveyor.schemas import validate_payload
 from conveyor.schemas.common import Payload
 from workers import settings
@@ -81,7 +82,13 @@ class JobTask(Task):
             queue=(self.request.delivery_info or {}).get("routing_key"),
             family=self.family,
             store_result=False,
+            origin=origin_of(self.request),
         )
+
+
+def origin_of(request: Any) -> Origin:
+    """The origin a job's message carried (Celery copies custom headers onto its request)."""
+    return Origin.from_headers(lambda name: getattr(request, name, None))
 
 
 def _unappliable(args: Any, kwargs: Any) -> bool:
@@ -102,6 +109,7 @@ def job(name: str, *, family: str, **task_options: Any) -> Callable[[JobFunction
                 attempt=task.request.retries,
                 family=family,
                 hostname=task.request.hostname or "",
+                origin=origin_of(task.request),
             )
             # Anything a raw message carries arrives here: the shape is checked in _run, so a
             # wrong one is poison with a dead letter, not a TypeError in Celery's tracer.
@@ -191,7 +199,7 @@ def complete(ctx: JobContext, data: dict[str, Any]) -> dict[str, Any]:
         log.warning(
             "job %s (%s) done, its complete event not published: %r", ctx.job_id, ctx.task_name, exc
         )
-    return result_envelope(ctx.job_id, success=True, data=data)
+    return result_envelope(ctx.job_id, success=True, data=data, request_id=ctx.origin.request_id)
 
 
 def _check_delivery(ctx: JobContext, limit: int) -> None:

@@ -28,6 +28,7 @@ from celery.exceptions import Ignore, Reject
 from conveyor import keys
 from conveyor.envelopes import FAMILIES, result_envelope
 from conveyor.errors import JobFailed
+from conveyor.jobindex import Origin
 from workers import settings
 from workers.failures import Cancelled, Deferred, Permanent, Retryable, compute_backoff
 from workers.runtime import celery_internals, connections
@@ -65,6 +66,7 @@ def fail(
     queue: str | None,
     family: str | None,
     store_result: bool,
+    origin: Origin | None = None,
 ) -> None:
     """Record a job that failed for good and tell its listeners and waiters.
 
@@ -74,9 +76,18 @@ def fail(
     Celery stores the failure itself (the job wrapper raising ``JobFailed``); ``family`` None
     (a message naming no known task) publishes no event.
     """
+    origin = origin or Origin()
     cancelled = ending.reason == Cancelled.reason
     level = logging.INFO if cancelled else logging.WARNING
-    log.log(level, "job %s (%s) ended (%s): %s", job_id, task_name, ending.reason, ending.error)
+    log.log(
+        level,
+        "job %s (%s) ended (%s): %s%s",
+        job_id,
+        task_name,
+        ending.reason,
+        ending.error,
+        f" [request {origin.request_id}]" if origin.request_id else "",
+    )
     if not cancelled:  # asked for, not a failure: nothing to inspect or resubmit
         row = {
             "job_id": job_id,
@@ -86,12 +97,15 @@ def fail(
             "reason": ending.reason,
             "error": ending.error,
             "attempts": ending.attempts,
+            "tenant": origin.tenant,
+            "request_id": origin.request_id,
+            "traceparent": origin.traceparent,
         }
         dead_letters.record(connections.engine(), connections.redis_client(), row)
     if store_result:  # before the event: a follower that sees it finds the result
         _store(job_id, JobFailed(ending.error), states.FAILURE)
     if family in FAMILIES:
-        ctx = JobContext(job_id, task_name, ending.attempts - 1, family)
+        ctx = JobContext(job_id, task_name, ending.attempts - 1, family, origin=origin)
         ctx.emit_quietly(
             "error",
             {"error": ending.error, "reason": ending.reason, "attempts": ending.attempts},
@@ -177,7 +191,10 @@ def retry(task: Task, ctx: JobContext, verdict: Retryable) -> Exception:
     )
     # throw=False: Celery's Retry comes back to be raised by the caller, outside its try.
     try:
-        retry: Exception = task.retry(countdown=delay, throw=False)
+        # The origin's headers go again: the retry is the same job, for the same request.
+        retry: Exception = task.retry(
+            countdown=delay, throw=False, headers=ctx.origin.headers() or None
+        )
     except Exception as exc:  # the broker is away: the retry's message cannot go
         return _back_to_the_queue(ctx, "its retry could not be sent", exc)
     return retry
@@ -201,6 +218,7 @@ def defer(task: Task, ctx: JobContext, raw_payload: Any, verdict: Deferred) -> E
             task_id=ctx.job_id,
             countdown=delay,
             retries=ctx.attempt,
+            headers=ctx.origin.headers() or None,
             queue=delivery.get("routing_key"),
             priority=delivery.get("priority"),
         )

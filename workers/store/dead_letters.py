@@ -21,24 +21,38 @@ import json
 import logging
 import math
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import redis
 import sqlalchemy.exc
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, Table, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from conveyor import keys
+from conveyor.envelopes import iso_ms
 from conveyor.schemas.storable import INT32_MAX, json_problems
+from workers.store.episodes import parse_time
 from workers.store.models import DeadLetter
 
 log = logging.getLogger(__name__)
 
 #: The database or the way to it failed, not the row: the row waits in Redis.
 _OUTAGE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-_TEXT_COLUMNS = ("job_id", "task", "queue", "reason", "error", "resubmitted_job_id")
+_TEXT_COLUMNS = (
+    "job_id",
+    "task",
+    "queue",
+    "reason",
+    "error",
+    "resubmitted_job_id",
+    "tenant",
+    "request_id",
+    "traceparent",
+)
+#: Text columns a bare row keeps as they are (or None): whose it is, and where it came from.
+_BARE_OPTIONAL = ("queue", "tenant", "request_id", "traceparent")
 #: What a bare row keeps in its columns; the rest of the row goes inside its payload.
-_BARE = frozenset(("job_id", "task", "queue", "payload", "reason", "error"))
+_BARE = frozenset(("job_id", "task", "payload", "reason", "error", *_BARE_OPTIONAL))
 
 
 def record(engine: Engine, spill: redis.Redis, row: dict[str, Any]) -> bool:
@@ -277,7 +291,8 @@ def _insert_each(engine: Engine, rows: list[dict[str, Any]]) -> None:
 
 def _bare(row: dict[str, Any], refused: str) -> dict[str, Any]:
     """Only what every row can hold: text (escaped), a whole number of attempts, the payload
-    as its JSON text, and the rest of the row (and why Postgres refused it) beside it."""
+    as its JSON text, and the rest of the row (and why Postgres refused it) beside it. The
+    tenant stays a column: a bare row is still seen by its tenant only."""
     job_id = row.get("job_id")
     if job_id is None:
         job_id = "bare-" + hashlib.sha256(json_text(row).encode()).hexdigest()[:32]
@@ -293,7 +308,10 @@ def _bare(row: dict[str, Any], refused: str) -> dict[str, Any]:
     return {
         "job_id": storable_text(str(job_id)),
         "task": storable_text(str(row.get("task") or "unknown")),
-        "queue": None if row.get("queue") is None else storable_text(str(row["queue"])),
+        **{
+            column: None if row.get(column) is None else storable_text(str(row[column]))
+            for column in _BARE_OPTIONAL
+        },
         "payload": {
             "unstorable_json": storable_text(text),
             "why": storable_text(why),
@@ -311,4 +329,201 @@ def find(engine: Engine, job_id: str) -> dict[str, Any] | None:
     return dict(row._mapping) if row else None
 
 
-__all__ = ["find", "flush_spill", "json_text", "record", "storable_json", "storable_row"]
+# --- Reading, for people ------------------------------------------------------------------------
+#
+# ``tenant`` is a required keyword everywhere below: None is the operator's view (every row,
+# tenants' and tenantless alike), a string only that tenant's rows. No default, so a caller
+# serving a tenant cannot forget to pass it.
+
+_table = cast(Table, DeadLetter.__table__)
+_c = _table.c
+
+#: A listing's columns; the payload (up to the submitter's size limit each) only in ``get``.
+_SUMMARY = (
+    _c.job_id,
+    _c.task,
+    _c.queue,
+    _c.reason,
+    _c.error,
+    _c.attempts,
+    _c.failed_at,
+    _c.resubmitted_at,
+    _c.resubmitted_job_id,
+    _c.tenant,
+    _c.request_id,
+    _c.traceparent,
+)
+MAX_LIST = 1000
+
+#: A time as a ``datetime`` (no zone: UTC) or as text ``parse_time`` reads (ISO 8601 or an age
+#: such as ``15m``, ``2h``, ``7d``); text it cannot read raises ``ValueError``.
+When = datetime | str
+
+
+def list_dead_letters(
+    engine: Engine,
+    *,
+    tenant: str | None,
+    task: str | None = None,
+    reason: str | None = None,
+    since: When | None = None,
+    until: When | None = None,
+    resubmitted: bool | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Dead letters newest first (by ``failed_at``, then id), at most ``limit`` (1-1000), as
+    JSON-ready dicts without their payloads. ``since`` is inclusive, ``until`` exclusive;
+    ``resubmitted`` True or False keeps only the rows that were (or were not) sent again."""
+    if not 1 <= limit <= MAX_LIST:
+        raise ValueError(f"limit must be from 1 to {MAX_LIST}, not {limit}")
+    statement = (
+        select(*_SUMMARY)
+        .where(*_conditions(tenant, task, reason, since, until, resubmitted))
+        .order_by(_c.failed_at.desc(), _c.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [_shown(row) for row in conn.execute(statement)]
+
+
+def get_dead_letter(engine: Engine, job_id: str, *, tenant: str | None) -> dict[str, Any] | None:
+    """One dead letter with its payload; None when there is none, or it is another tenant's
+    (the two must look alike to a tenant)."""
+    statement = select(*_SUMMARY, _c.payload).where(
+        _c.job_id == storable_text(job_id), *_conditions(tenant, None, None, None, None, None)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(statement).first()
+    return None if row is None else _shown(row)
+
+
+def purge_dead_letters(
+    engine: Engine, *, before: When, tenant: str | None, dry_run: bool = False
+) -> int:
+    """Delete the dead letters that failed before ``before``; how many went (with
+    ``dry_run``: how many would go, deleting nothing)."""
+    conditions = _conditions(tenant, None, None, None, before, None)
+    with engine.begin() as conn:
+        if dry_run:
+            counted = conn.execute(select(func.count()).select_from(_table).where(*conditions))
+            return int(counted.scalar_one())
+        return int(conn.execute(delete(_table).where(*conditions)).rowcount)
+
+
+# --- Resubmitting (``workers.operations.dead_letters`` drives these) ------------------------------
+
+
+def resubmittable(
+    engine: Engine,
+    *,
+    tenant: str | None,
+    task: str | None = None,
+    reason: str | None = None,
+    since: When | None = None,
+    until: When | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """The dead letters not sent again yet that match, oldest first (the order they first
+    failed in), without payloads: ``claim`` takes each one's payload as it marks it."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    statement = (
+        select(*_SUMMARY)
+        .where(*_conditions(tenant, task, reason, since, until, False))
+        .order_by(_c.failed_at, _c.id)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [_shown(row) for row in conn.execute(statement)]
+
+
+def claim(engine: Engine, job_id: str, token: str) -> dict[str, Any] | None:
+    """Mark a dead letter as being sent again, with ``token`` standing in for the new job's id
+    until ``settle_claim``; its task, payload and tenant, or None when it was sent again already
+    (or is being: of two claims at once, one wins)."""
+    statement = (
+        update(_table)
+        .where(_c.job_id == job_id, _c.resubmitted_at.is_(None))
+        .values(resubmitted_at=func.now(), resubmitted_job_id=token)
+        .returning(_c.job_id, _c.task, _c.payload, _c.tenant)
+    )
+    with engine.begin() as conn:
+        row = conn.execute(statement).first()
+    return None if row is None else dict(row._mapping)
+
+
+def settle_claim(engine: Engine, job_id: str, token: str, new_job_id: str) -> None:
+    """The claimed dead letter was sent again as ``new_job_id``."""
+    statement = (
+        update(_table)
+        .where(_c.job_id == job_id, _c.resubmitted_job_id == token)
+        .values(resubmitted_job_id=new_job_id)
+    )
+    with engine.begin() as conn:
+        conn.execute(statement)
+
+
+def release_claim(engine: Engine, job_id: str, token: str) -> None:
+    """The claimed dead letter was not sent again: it is resubmittable as before."""
+    statement = (
+        update(_table)
+        .where(_c.job_id == job_id, _c.resubmitted_job_id == token)
+        .values(resubmitted_at=None, resubmitted_job_id=None)
+    )
+    with engine.begin() as conn:
+        conn.execute(statement)
+
+
+def _conditions(
+    tenant: str | None,
+    task: str | None,
+    reason: str | None,
+    since: When | None,
+    until: When | None,
+    resubmitted: bool | None,
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    for column, value in ((_c.tenant, tenant), (_c.task, task), (_c.reason, reason)):
+        if value is not None:  # escaped as ``record`` stored it (and as Postgres takes text)
+            conditions.append(column == storable_text(value))
+    if since is not None:
+        conditions.append(_c.failed_at >= _time(since))
+    if until is not None:
+        conditions.append(_c.failed_at < _time(until))
+    if resubmitted is not None:
+        is_resubmitted = _c.resubmitted_at.is_not(None)
+        conditions.append(is_resubmitted if resubmitted else _c.resubmitted_at.is_(None))
+    return conditions
+
+
+def _time(when: When) -> datetime:
+    if isinstance(when, str):
+        return parse_time(when)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _shown(row: Any) -> dict[str, Any]:
+    """A row as JSON-ready data: times as ``iso_ms`` writes them."""
+    return {
+        key: iso_ms(value) if isinstance(value, datetime) else value
+        for key, value in row._mapping.items()
+    }
+
+
+__all__ = [
+    "MAX_LIST",
+    "When",
+    "claim",
+    "find",
+    "flush_spill",
+    "get_dead_letter",
+    "json_text",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "record",
+    "release_claim",
+    "resubmittable",
+    "settle_claim",
+    "storable_json",
+    "storable_row",
+]

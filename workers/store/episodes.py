@@ -45,9 +45,12 @@ _COLUMNS = (
     "status",
     "job_id",
     "metadata",
+    "tenant",
 )
 #: One row of VALUES: an episode without a timestamp happened when its batch is written.
-_TEMPLATE = "(%s, COALESCE(%s, now()), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+_TEMPLATE = (
+    "(%s, COALESCE(%s, now()), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
+)
 _INSERT = (
     f"INSERT INTO episodic_logs ({', '.join(_COLUMNS)}) VALUES %s "
     "ON CONFLICT (episode_id) DO NOTHING RETURNING episode_id"
@@ -60,8 +63,9 @@ _ROW_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, ValueError)
 Row = tuple[Any, ...]
 
 
-def episode_row(payload: EpisodePayload, *, episode_id: str) -> Row:
-    """The VALUES tuple of one validated episode. A timestamp without a zone is taken as UTC."""
+def episode_row(payload: EpisodePayload, *, episode_id: str, tenant: str | None = None) -> Row:
+    """The VALUES tuple of one validated episode. A timestamp without a zone is taken as UTC;
+    ``tenant`` is whose it is (from its message's headers, never from the payload)."""
     stamp = payload.timestamp
     if stamp is not None and stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=UTC)
@@ -82,6 +86,7 @@ def episode_row(payload: EpisodePayload, *, episode_id: str) -> Row:
         payload.status,
         payload.job_id,
         json.dumps(payload.metadata, ensure_ascii=False, default=str),
+        tenant,
     )
 
 
@@ -161,6 +166,7 @@ class BadCursor(ValueError):
 def query_episodes(
     engine: Engine,
     *,
+    tenant: str | None = None,
     user_id: str | None = None,
     session_id: str | None = None,
     model_type: str | None = None,
@@ -171,7 +177,8 @@ def query_episodes(
     limit: int = 50,
     cursor: str | None = None,
 ) -> EpisodePage:
-    """Episodes newest first (by ``timestamp``, then id), at most ``limit`` (1-1000) a page.
+    """Episodes newest first (by ``timestamp``, then id), at most ``limit`` (1-1000) a page;
+    only ``tenant``'s when given (None: every tenant's, the operator's view).
 
     ``since`` is inclusive, ``until`` exclusive. ``search`` is web-search syntax over prompt and
     response (words, ``"a phrase"``, ``or``, ``-excluded``), matched on whole words.
@@ -186,6 +193,7 @@ def query_episodes(
         )
     conditions = []
     for column, value in (
+        (_c.tenant, tenant),
         (_c.user_id, user_id),
         (_c.session_id, session_id),
         (_c.model_type, model_type),

@@ -58,6 +58,8 @@ class EpisodicLog(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(Text, default="success", server_default="success")
     job_id: Mapped[str | None] = mapped_column(Text)
+    #: Whose episode (the gateway's tenant); None: a service's own, or from before tenants.
+    tenant: Mapped[str | None] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
     )
@@ -75,6 +77,7 @@ class EpisodicLog(Base):
         Index("ix_episodic_logs_session_time", "session_id", "timestamp"),
         Index("ix_episodic_logs_timestamp", "timestamp"),
         Index("ix_episodic_logs_search", "search", postgresql_using="gin"),
+        Index("ix_episodic_logs_tenant_time", "tenant", "timestamp"),
     )
 
 
@@ -98,6 +101,7 @@ class WorkflowExecution(Base):
     triggered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -123,5 +127,13 @@ class DeadLetter(Base):
     failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     resubmitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resubmitted_job_id: Mapped[str | None] = mapped_column(Text)
+    #: Whose job it was: a resubmission goes out for the same tenant.
+    tenant: Mapped[str | None] = mapped_column(Text)
+    #: The request and trace the job came from (the gateway's ``X-Request-ID``, W3C traceparent).
+    request_id: Mapped[str | None] = mapped_column(Text)
+    traceparent: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_dead_letters_task_failed", "task", "failed_at"),)
+    __table_args__ = (
+        Index("ix_dead_letters_task_failed", "task", "failed_at"),
+        Index("ix_dead_letters_tenant_failed", "tenant", "failed_at"),
+    )

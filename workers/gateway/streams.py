@@ -1,0 +1,342 @@
+"""Following jobs' events for SSE and WebSocket clients, thousands per process.
+
+One Redis pub/sub connection per gateway process carries every followed job's channel (and,
+while someone wants a component's firehose, the pattern of all channels); ``EventHub`` fans
+each event out to the ``Feed`` of every client that follows it. A feed replays a job's stream
+first, then takes live events through ``conveyor.streams.Follower``, so each event reaches a
+client once and in ``seq`` order: a hole in the live feed (a reconnect, a lost message) is
+filled from the stream, a stretch trimmed from the stream becomes one gap marker.
+
+A client's buffer is bounded (``client_buffer``): a reader too slow for its events loses the
+newest to a gap marker, and never holds up the others or grows the process without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from conveyor import keys
+from conveyor.envelopes import FAMILIES
+from conveyor.streams import Follower, decode, gap
+
+log = logging.getLogger(__name__)
+
+#: Components a firehose may name (``*``: all of them).
+COMPONENTS = frozenset(component for component, _ in FAMILIES.values())
+
+#: Seconds to wait for Redis to confirm a subscription before replaying the stream.
+_CONFIRM_S = 5.0
+#: Events handed to a connection at once.
+_SLICE = 64
+#: Entries read from a job's stream at most (its cap is CONVEYOR_EVENT_STREAM_MAXLEN).
+_HISTORY_MAX = 100_000
+
+
+class Feed:
+    """One client's events: those of the jobs it follows and of the components it watches."""
+
+    def __init__(self, hub: EventHub, tenant: str, buffer: int):
+        self.hub = hub
+        self.tenant = tenant
+        self._buffer = buffer
+        self._items: deque[dict[str, Any]] = deque()
+        self._wake = asyncio.Event()
+        #: job id -> (lowest, highest) seq dropped while the buffer was full.
+        self._dropped: dict[str, tuple[int, int]] = {}
+        self.followers: dict[str, Follower] = {}
+        self.components: set[str] = set()
+        #: job id -> the last seq this client got from a firehose: following that job later
+        #: starts after it, so no event reaches one connection twice.
+        self._fired: dict[str, int] = {}
+
+    # -- fed by the hub ----------------------------------------------------------------------
+
+    def offer(self, event: dict[str, Any]) -> None:
+        if len(self._items) >= self._buffer:
+            job_id, seq = str(event.get("job_id")), int(event.get("seq", 0))
+            low, high = self._dropped.get(job_id, (seq, seq))
+            self._dropped[job_id] = (min(low, seq), max(high, seq))
+        else:
+            self._items.append(event)
+        self._wake.set()
+
+    # -- used by the connection --------------------------------------------------------------
+
+    async def follow(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
+        """Start following a job; what its stream holds after ``after_seq``, to send first."""
+        after_seq = max(after_seq, self._fired.pop(job_id, 0))
+        follower = self.followers[job_id] = Follower(job_id, after_seq)
+        await self.hub.watch(job_id, self)
+        replayed = follower.replay(await self.hub.history(job_id))
+        self._end_if_done(job_id, follower)
+        return replayed
+
+    async def unfollow(self, job_id: str) -> None:
+        if self.followers.pop(job_id, None) is not None:
+            await self.hub.unwatch(job_id, self)
+
+    async def watch_component(self, component: str) -> None:
+        self.components.add(component)
+        await self.hub.watch_firehose(self)
+
+    async def next(self, wait_s: float) -> list[dict[str, Any]] | None:
+        """What to send next, in order; None when nothing came within ``wait_s`` (then any
+        followed job whose stream moved on without us is read again)."""
+        if not self._items and not self._dropped:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait_s)
+            except TimeoutError:
+                caught_up = await self._catch_up()
+                return caught_up or None
+        out: list[dict[str, Any]] = []
+        # A slice at a time: what waits for a slow client stays in the bounded buffer (where
+        # the newest overflow to a gap), not in a list of our own.
+        for _ in range(min(len(self._items), _SLICE)):
+            event = self._items.popleft()
+            out += await self._deliver(event)
+        if self._items:
+            return out  # the gaps come once everything before them is out
+        for job_id, (low, high) in list(self._dropped.items()):
+            del self._dropped[job_id]
+            follower = self.followers.get(job_id)
+            if follower is None:
+                out.append(gap(job_id, low, high))
+            else:
+                out += follower.skip(high)
+                self._end_if_done(job_id, follower)
+        return out
+
+    async def close(self) -> None:
+        for job_id in list(self.followers):
+            await self.unfollow(job_id)
+        if self.components:
+            self.components.clear()
+            await self.hub.unwatch_firehose(self)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _deliver(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        job_id = str(event.get("job_id"))
+        follower = self.followers.get(job_id)
+        if follower is None:  # a firehose event of a job this client does not follow
+            if not self._wants(event):
+                return []
+            seq = int(event.get("seq", 0))
+            if seq <= self._fired.get(job_id, 0):
+                return []  # the pattern and a channel both carried it
+            if len(self._fired) > 10_000:
+                self._fired.clear()
+            self._fired[job_id] = seq
+            return [event]
+        out = follower.live(event)
+        if follower.missing:  # the live feed skipped some: the stream has them
+            out += follower.replay(await self.hub.history(job_id))
+        self._end_if_done(job_id, follower)
+        return out
+
+    def _wants(self, event: dict[str, Any]) -> bool:
+        return "*" in self.components or event.get("component") in self.components
+
+    def _end_if_done(self, job_id: str, follower: Follower) -> None:
+        if follower.ended:
+            self.followers.pop(job_id, None)
+            self.hub.unwatch_soon(job_id, self)
+
+    async def _catch_up(self) -> list[dict[str, Any]]:
+        """A quiet spell: a followed job whose stream went past what we delivered lost a live
+        event (its terminal one, perhaps); deliver from the stream."""
+        out: list[dict[str, Any]] = []
+        if not self.followers:
+            return out
+        latest = await self.hub.latest_seqs(list(self.followers))
+        for job_id, seq in latest.items():
+            follower = self.followers.get(job_id)
+            if follower is not None and seq > follower.last_seq:
+                out += follower.replay(await self.hub.history(job_id))
+                self._end_if_done(job_id, follower)
+        return out
+
+
+class EventHub:
+    """The process's one pub/sub connection, shared by every feed."""
+
+    def __init__(self, client: aioredis.Redis, job_tenant: Any):
+        self._client = client
+        #: async (job_id) -> tenant or None: whose job an event is (for the firehose).
+        self._job_tenant = job_tenant
+        self._pubsub: Any = None
+        self._jobs: dict[str, set[Feed]] = {}
+        self._firehose: set[Feed] = set()
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._tenants: dict[str, str | None] = {}
+
+    async def start(self) -> None:
+        self._pubsub = self._client.pubsub()
+        self._reader = asyncio.create_task(self._read_forever(), name="event-hub")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    @property
+    def followed_jobs(self) -> int:
+        return len(self._jobs)
+
+    async def watch(self, job_id: str, feed: Feed) -> None:
+        channel = keys.events_channel(job_id)
+        async with self._lock:
+            feeds = self._jobs.setdefault(job_id, set())
+            feeds.add(feed)
+            if len(feeds) > 1:
+                confirmed = self._confirmed.get(channel)
+            else:
+                confirmed = self._confirmed[channel] = asyncio.Event()
+                await self._pubsub.subscribe(channel)
+                self._subscribed.set()
+        if confirmed is not None:
+            # Replaying before Redis confirms could miss an event published in between.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(confirmed.wait(), _CONFIRM_S)
+
+    async def unwatch(self, job_id: str, feed: Feed) -> None:
+        async with self._lock:
+            feeds = self._jobs.get(job_id)
+            if feeds is None:
+                return
+            feeds.discard(feed)
+            if not feeds:
+                del self._jobs[job_id]
+                channel = keys.events_channel(job_id)
+                self._confirmed.pop(channel, None)
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
+
+    def unwatch_soon(self, job_id: str, feed: Feed) -> None:
+        task = asyncio.ensure_future(self.unwatch(job_id, feed))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def watch_firehose(self, feed: Feed) -> None:
+        async with self._lock:
+            first = not self._firehose
+            self._firehose.add(feed)
+            if first:
+                await self._pubsub.psubscribe(keys.EVENTS_PATTERN)
+                self._subscribed.set()
+
+    async def unwatch_firehose(self, feed: Feed) -> None:
+        async with self._lock:
+            self._firehose.discard(feed)
+            if not self._firehose:
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await self._pubsub.punsubscribe(keys.EVENTS_PATTERN)
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        entries: Any = await self._client.xrange(
+            keys.events_stream(job_id), "-", "+", count=_HISTORY_MAX
+        )
+        return [decode(fields) for _, fields in entries]
+
+    async def latest_seqs(self, job_ids: Iterable[str]) -> dict[str, int]:
+        ids = list(job_ids)
+        pipe = self._client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.xrevrange(keys.events_stream(job_id), "+", "-", count=1)
+        replies = await pipe.execute()
+        latest = {}
+        for job_id, entries in zip(ids, replies, strict=True):
+            if entries:
+                latest[job_id] = int(decode(entries[0][1]).get("seq", 0))
+        return latest
+
+    # -- the reader --------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._subscribed.wait()
+                message = await self._pubsub.get_message(timeout=1.0)
+                backoff = 0.1
+                if message is not None:
+                    await self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: reconnect and subscribe everything again
+                log.warning("event hub: %s; reconnecting in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = self._client.pubsub()
+            channels = [keys.events_channel(job_id) for job_id in self._jobs]
+            with contextlib.suppress(Exception):
+                if channels:
+                    await self._pubsub.subscribe(*channels)
+                if self._firehose:
+                    await self._pubsub.psubscribe(keys.EVENTS_PATTERN)
+        # Whatever was published meanwhile is in the streams: feeds find the hole by seq,
+        # or at their next quiet spell (Feed._catch_up).
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message.get("channel")
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        if kind == "subscribe":
+            confirmed = self._confirmed.get(str(channel))
+            if confirmed is not None:
+                confirmed.set()
+            return
+        if kind not in ("message", "pmessage"):
+            return
+        try:
+            event = json.loads(message["data"])
+            job_id = str(event["job_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("event hub: an event that is not an envelope on %s", channel)
+            return
+        if kind == "message":
+            for feed in list(self._jobs.get(job_id, ())):
+                feed.offer(event)
+            return
+        # The firehose: only feeds of the job's own tenant, and not twice to a follower.
+        watchers = [f for f in self._firehose if job_id not in f.followers]
+        if not watchers:
+            return
+        tenant = await self._tenant_of(job_id) if any(f.tenant for f in watchers) else None
+        for feed in watchers:
+            if feed.tenant is None or feed.tenant == tenant:  # None: the operator's feed
+                feed.offer(event)
+
+    async def _tenant_of(self, job_id: str) -> str | None:
+        """Whose job it is (cached: a job never changes hands)."""
+        if job_id in self._tenants:
+            return self._tenants[job_id]
+        tenant = await self._job_tenant(job_id)
+        if tenant is not None:  # not yet indexed: ask again next time
+            if len(self._tenants) > 50_000:
+                self._tenants.clear()
+            self._tenants[job_id] = tenant
+        return tenant

@@ -1,0 +1,1 @@
+"""What operators do to jobs, shared by the CLI and the gateway."""
