@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ from tests.support.ai import ai_env, fresh_upstream_state  # noqa: F401 - a fixt
 from workers.store import dead_letters
 from workers.store.models import DeadLetter
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: `make test` installs Debian's and passes its path; elsewhere set CHROMIUM yourself.
+CHROMIUM = Path(os.environ.get("CHROMIUM") or "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
