@@ -36,16 +36,18 @@ def test_cancel_says_whether_there_was_anything_to_stop(workers, submitter):
 
 
 def test_follow_with_a_timeout_waits_that_long_in_all():
-    """Nobody consumes the queue: `--follow --timeout 2` gives up after ~2 s, not 4."""
+    """Nobody consumes the queue: `--follow --timeout 5` gives up after ~5 s, not 10 (the
+    events and the result share one budget). The margin is the command's own start-up, which
+    takes seconds on a loaded 2-core machine."""
     started = time.monotonic()
     result = _conveyor(
         "submit", "maintenance.ping", "--data", '{"message": "nobody home"}',
-        "--follow", "--timeout", "2",
+        "--follow", "--timeout", "5",
     )  # fmt: skip
     took = time.monotonic() - started
     assert result.returncode == 3, result.stderr
-    assert "did not finish within 2 s" in result.stderr
-    assert took < 3.9, took
+    assert "did not finish within 5 s" in result.stderr
+    assert 5 <= took < 8.5, took
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,10 +96,19 @@ def test_dev_stack_runs_a_first_job_serves_submit_and_flower_and_stops_clean(tmp
         )
         assert task["name"] == "maintenance.ping"
 
+        # The gateway: its URL printed, the first job listed for the live page, /ui served.
+        [gateway] = re.findall(r"live page: (http://127\.0\.0\.1:\d+)/ui/", output)
+        with urllib.request.urlopen(f"{gateway}/api/v1/jobs?task=maintenance.ping") as r:
+            listed = [j["job_id"] for j in json.load(r)["data"]["jobs"]]
+        [first_job] = re.findall(r"first job (\S+) \(maintenance\.ping\)", output)
+        assert first_job in listed and job_id in listed
+        with urllib.request.urlopen(f"{gateway}/ui/") as r:
+            assert b"<html" in r.read().lower()
+
         # Everything we will expect gone: its process tree, and the daemonized postmaster.
         tree = _descendants(dev.pid)
         postmaster = int((home / "postgres" / "postmaster.pid").read_text().split()[0])
-        assert len(tree) >= 7  # valkey + 4 workers + beat + flower (+ pool children)
+        assert len(tree) >= 8  # valkey + 4 workers + beat + flower + gateway (+ pool children)
     finally:
         dev.send_signal(signal.SIGTERM)
         code = dev.wait(60)

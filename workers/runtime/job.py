@@ -184,6 +184,7 @@ def _run(task: Task, ctx: JobContext, fn: JobFunction, arguments: _Arguments) ->
             queue=(task.request.delivery_info or {}).get("routing_key"),
             family=ctx.family,
             store_result=False,  # Celery stores the failure of the JobFailed raised here
+            origin=ctx.origin,
         )
         raise JobFailed(ending.error) from None
     return complete(ctx, data)
