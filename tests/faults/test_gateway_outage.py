@@ -1,11 +1,13 @@
 """The gateway while its Redis (the broker) is killed and restarted: every request answers in
 the envelope — 503 with Retry-After for what needs Redis, /health still 200, /ready naming what
-is down — never a 500 and never a hang; and once Redis is back, it serves again."""
+is down — never a 500 and never a hang, an open event stream ending so its client reconnects;
+and once Redis is back, it serves again."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ def test_broker_down_is_503_with_retry_after_and_the_gateway_recovers(tmp_path: 
         "REDIS_URL": url,
         "CELERY_BROKER_URL": url,
         "CELERY_RESULT_BACKEND": url,
+        "CONVEYOR_GATEWAY_KEEPALIVE": "1",  # an idle stream looks at Redis every second
     }
     gateway = start_gateway(tmp_path / "gateway.log", env)
     restarted: EmbeddedRedis | None = None
@@ -38,6 +41,18 @@ def test_broker_down_is_503_with_retry_after_and_the_gateway_recovers(tmp_path: 
         first = httpx.post(f"{gateway.url}/api/v1/jobs", json=body, timeout=30)
         assert first.status_code == 202, first.text
         job_id = first.json()["data"]["job_id"]
+        # A stream open when Redis dies (no worker runs the job: it idles) must end, so its
+        # client reconnects with Last-Event-ID, instead of hanging on a dead connection.
+        ended = threading.Event()
+
+        def follow() -> None:
+            with httpx.stream("GET", f"{gateway.url}/api/v1/jobs/{job_id}/events", timeout=60) as r:
+                for _ in r.iter_lines():
+                    pass
+            ended.set()
+
+        threading.Thread(target=follow, daemon=True).start()
+        time.sleep(0.5)
 
         os.kill(valkey.pid or 0, signal.SIGKILL)
         time.sleep(0.5)
@@ -53,6 +68,7 @@ def test_broker_down_is_503_with_retry_after_and_the_gateway_recovers(tmp_path: 
             assert response.headers["retry-after"].isdigit()
             assert response.json()["success"] is False and "unreachable" in response.json()["error"]
             assert time.monotonic() - started < 30, f"{path} hung while Redis was down"
+        assert ended.wait(20), "an open event stream hung after Redis died"
         assert httpx.get(f"{gateway.url}/health").status_code == 200
         ready = httpx.get(f"{gateway.url}/ready", timeout=30)
         assert ready.status_code == 503 and "redis" in ready.json()["data"]["down"]

@@ -48,7 +48,7 @@ def create_app() -> FastAPI:
         return error_response(request, ApiError(413, str(exc)))
 
     for module in (jobs, events, logs, dead_letters, health):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=openapi.refusals(413))  # BodyLimit's
     openapi.install(app)
     app.mount("/ui", StaticFiles(directory=UI, html=True), name="ui")
 

@@ -34,7 +34,7 @@ UNAVAILABLE_RETRY_AFTER_S = 5
 
 class ApiError(Exception):
     """An answer other than success: its status, a message for people, and for a 400 the
-    list of every bad field."""
+    list of every bad field (the message itself when the raiser names none)."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.problems = problems
+        self.problems = [message] if status == 400 and not problems else problems
         self.headers = headers or {}
         self.data = data
 

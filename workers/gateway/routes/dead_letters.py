@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from workers.gateway.access import gateway_of
 from workers.gateway.auth import ApiCaller
+from workers.gateway.openapi import answers, refusals
 from workers.gateway.responses import ApiError, ok
 from workers.operations.dead_letters import (
     AlreadyResubmitted,
@@ -20,7 +21,7 @@ from workers.operations.dead_letters import (
 )
 from workers.store import dead_letters
 
-router = APIRouter(prefix="/api/v1", tags=["dead letters"])
+router = APIRouter(prefix="/api/v1", tags=["dead letters"], responses=refusals(401, 503))
 
 _TIME = "ISO 8601, or 15m / 2h / 7d ago"
 
@@ -43,7 +44,11 @@ def _bad(exc: ValueError) -> ApiError:
     return ApiError(400, str(exc), problems=[str(exc)])
 
 
-@router.get("/dead-letters", summary="Dead letters, newest first")
+@router.get(
+    "/dead-letters",
+    summary="Dead letters, newest first",
+    responses={**answers(), **refusals(400)},
+)
 async def list_dead_letters(
     request: Request,
     caller: ApiCaller,
@@ -59,8 +64,8 @@ async def list_dead_letters(
             lambda: dead_letters.list_dead_letters(
                 gw.engine,
                 tenant=caller.tenant,
-                task=_clean(task),
-                reason=_clean(reason),
+                task=_clean("query: task", task),
+                reason=_clean("query: reason", reason),
                 since=since,
                 until=until,
                 limit=limit,
@@ -71,17 +76,25 @@ async def list_dead_letters(
     return ok(request, {"dead_letters": rows})
 
 
-def _clean(text: str | None) -> str | None:
+def _clean(where: str, text: str | None) -> str | None:
     if text is not None and "\x00" in text:
-        raise ApiError(400, "a filter contains a NUL character")
+        raise ApiError(
+            400, "a filter contains a NUL character", problems=[f"{where}: a NUL character"]
+        )
     return text
 
 
-@router.get("/dead-letters/{job_id}", summary="One dead letter, with its payload")
+@router.get(
+    "/dead-letters/{job_id}",
+    summary="One dead letter, with its payload",
+    responses={**answers(), **refusals(400, (404, "no such dead letter (or another tenant's)"))},
+)
 async def get_dead_letter(request: Request, job_id: str, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
     row = await run_in_threadpool(
-        lambda: dead_letters.get_dead_letter(gw.engine, _clean(job_id) or "", tenant=caller.tenant)
+        lambda: dead_letters.get_dead_letter(
+            gw.engine, _clean("path: job_id", job_id) or "", tenant=caller.tenant
+        )
     )
     if row is None:
         raise ApiError(404, f"no dead letter with job id {job_id}")
@@ -91,12 +104,19 @@ async def get_dead_letter(request: Request, job_id: str, caller: ApiCaller) -> J
 @router.post(
     "/dead-letters/retry",
     summary="Submit dead letters again (each new job names its dead letter)",
-    responses={409: {"description": "that dead letter was re-submitted already"}},
+    responses={
+        **answers(),
+        **refusals(
+            400,
+            (404, "no dead letter with that job id (or another tenant's)"),
+            (409, "that dead letter was re-submitted already: data.resubmitted_job_id"),
+        ),
+    },
 )
 async def retry(request: Request, body: RetryRequest, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
-    for text in (body.job_id, body.task, body.reason, body.since, body.until):
-        _clean(text)
+    for name in ("job_id", "task", "reason", "since", "until"):
+        _clean(f"body: {name}", getattr(body, name))
 
     def run() -> list[dict[str, Any]]:
         return retry_dead_letters(
@@ -125,7 +145,11 @@ async def retry(request: Request, body: RetryRequest, caller: ApiCaller) -> JSON
     return ok(request, {"retried": results, "dry_run": body.dry_run})
 
 
-@router.delete("/dead-letters", summary="Purge dead letters that failed before a time")
+@router.delete(
+    "/dead-letters",
+    summary="Purge dead letters that failed before a time",
+    responses={**answers(), **refusals(400)},
+)
 async def purge(
     request: Request,
     caller: ApiCaller,

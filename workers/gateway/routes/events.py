@@ -20,6 +20,7 @@ from conveyor.jobstatus import FINISHED, status_of
 from conveyor.streams import gap
 from workers.gateway.access import gateway_of, owned_job
 from workers.gateway.auth import Caller, presented_key
+from workers.gateway.openapi import refusals
 from workers.gateway.responses import ApiError
 from workers.gateway.state import Gateway
 from workers.gateway.streams import COMPONENTS, Feed
@@ -63,6 +64,13 @@ def _sse(item: dict[str, Any]) -> str:
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
         204: {"description": "the job ended before Last-Event-ID: nothing more will come"},
+        **refusals(
+            400,
+            (401, "no or unknown API key, or a token not valid or expired"),
+            (403, "the token is for another job"),
+            404,
+            503,
+        ),
     },
 )
 async def job_events(
@@ -119,14 +127,21 @@ async def _stream(
         for item in first:
             yield _sse(item)
         while job_id in feed.followers:
-            items = await feed.next(keepalive_s)
+            try:
+                items = await feed.next(keepalive_s)
+            except (OSError, RedisError) as exc:
+                # Redis went away: end the stream; the client reconnects (EventSource does,
+                # after `retry`) with Last-Event-ID and misses nothing.
+                log.warning("event stream of job %s ended early: %s", job_id, exc)
+                return
             if items is None:
                 yield ": keep-alive\n\n"
                 continue
             for item in items:
                 yield _sse(item)
     finally:
-        await feed.close()
+        with contextlib.suppress(OSError, RedisError):
+            await feed.close()
 
 
 @router.websocket("/ws")

@@ -8,13 +8,14 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from workers.gateway.access import gateway_of
+from workers.gateway.openapi import answers, refusals
 from workers.gateway.responses import envelope, ok
 from workers.gateway.state import Gateway
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="The process is up (it checks nothing else)")
+@router.get("/health", summary="The process is up (it checks nothing else)", responses=answers())
 async def health(request: Request) -> JSONResponse:
     return ok(request, {"status": "ok"})
 
@@ -22,7 +23,7 @@ async def health(request: Request) -> JSONResponse:
 @router.get(
     "/ready",
     summary="The broker and the database are reachable",
-    responses={503: {"description": "data.down names what is unreachable"}},
+    responses={**answers(), **refusals((503, "data.down names what is unreachable"))},
 )
 async def ready(request: Request) -> JSONResponse:
     gw = gateway_of(request)

@@ -9,6 +9,7 @@ included), naming every bad field.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from conveyor.config import ClientConfig
 from conveyor.envelopes import iso_ms
 from conveyor.errors import ConveyorError, PayloadError
 from conveyor.jobindex import Origin
@@ -24,7 +26,18 @@ from conveyor.schemas import SCHEMAS, schema_for
 from conveyor.submitter import Job
 from workers.gateway.access import gateway_of, not_found, owned_job
 from workers.gateway.auth import ApiCaller, Caller
-from workers.gateway.openapi import payload_body
+from workers.gateway.openapi import (
+    REF,
+    BatchAccepted,
+    CancelAccepted,
+    JobAccepted,
+    Responses,
+    answers,
+    document_as,
+    payload_body,
+    reference,
+    refusals,
+)
 from workers.gateway.responses import ApiError, ok
 from workers.gateway.state import Gateway
 from workers.operations.jobs import recent_jobs
@@ -32,7 +45,7 @@ from workers.store import executions
 from workers.store.episodes import parse_time
 from workers.store.executions import ExecutionRow
 
-router = APIRouter(prefix="/api/v1", tags=["jobs"])
+router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=refusals(401, 503))
 
 #: Idempotency keys: printable ASCII, as HTTP headers carry them.
 _MAX_KEY = 255
@@ -41,7 +54,10 @@ _MAX_KEY = 255
 class JobRequest(BaseModel):
     """Any public task by name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"task": "ai.generate", "payload": {"prompt": "hi"}}]},
+    )
 
     task: str = Field(max_length=200, description="a public task name, e.g. ai.chat")
     payload: dict[str, Any] = Field(description="the task's payload (its schema by task name)")
@@ -54,21 +70,80 @@ class BatchItem(JobRequest):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [
+                        {"task": "maintenance.ping", "payload": {"message": "one"}},
+                        {"task": "maintenance.ping", "payload": {"message": "two"}},
+                        {"task": "ai.generate", "payload": {"prompt": "hi"}, "priority": 1},
+                    ]
+                }
+            ]
+        },
+    )
 
     jobs: list[BatchItem] = Field(min_length=1)
+
+
+def _by_task(model: type[JobRequest]) -> Callable[[], dict[str, Any]]:
+    """``model``'s schema as the route checks it: one variant per public task, its
+    ``payload`` that task's schema (FastAPI sees only an object), and ``delay_s`` at most the
+    cap of this process's settings."""
+
+    def schema() -> dict[str, Any]:
+        base = model.model_json_schema(ref_template=REF)
+        max_delay_s = ClientConfig.from_env().max_delay_s
+        delay_s = {
+            "anyOf": [{"type": "number", "minimum": 0, "maximum": max_delay_s}, {"type": "null"}],
+            "description": f"run it this many seconds later: at most {max_delay_s:g} "
+            "(CONVEYOR_VISIBILITY_TIMEOUT less the longest CONVEYOR_<POOL>_TIME_LIMIT)",
+        }
+        variant = {k: v for k, v in base.items() if k not in ("title", "description", "examples")}
+        return {
+            "title": base["title"],
+            "description": "A public task by name, and that task's payload.",
+            "examples": base.get("examples", []),
+            "oneOf": [
+                {
+                    **variant,
+                    "title": task,
+                    "properties": {
+                        **base["properties"],
+                        "task": {"const": task},
+                        "payload": {"$ref": reference(payload)},
+                        "delay_s": delay_s,
+                    },
+                }
+                for task, payload in sorted(SCHEMAS.items())
+            ],
+        }
+
+    return schema
+
+
+for _model in (JobRequest, BatchItem):
+    document_as(_model.__name__, _by_task(_model))
 
 
 async def read_json(request: Request) -> Any:
     raw = await request.body()
     if not raw.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object")
+        raise ApiError(
+            400, "the request body is empty; send a JSON object", problems=["body: empty"]
+        )
     try:
         return json.loads(raw)
     except RecursionError:
-        raise ApiError(400, "the request body nests too deeply") from None
+        raise ApiError(
+            400, "the request body nests too deeply", problems=["body: nests too deeply"]
+        ) from None
     except ValueError as exc:
-        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        raise ApiError(
+            400, f"the request body is not JSON: {exc}", problems=[f"body: not JSON: {exc}"]
+        ) from None
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -151,19 +226,31 @@ def _task_route(task: str, path: str, summary: str) -> None:
         methods=["POST"],
         status_code=202,
         summary=summary,
-        openapi_extra=payload_body(SCHEMAS[task]),
+        openapi_extra={**payload_body(SCHEMAS[task]), **_IDEMPOTENCY_KEY},
         responses=_SUBMIT_RESPONSES,
     )
 
 
-_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "invalid payload: data.problems names every bad field"},
-    401: {"description": "no or unknown API key"},
-    409: {"description": "the Idempotency-Key's first request is still being sent"},
-    413: {"description": "the body is too large"},
-    422: {"description": "the Idempotency-Key was used for another body"},
-    429: {"description": "the key's rate limit is reached (Retry-After)"},
-    503: {"description": "the broker is unreachable (Retry-After)"},
+_SUBMIT_REFUSALS = refusals(
+    400, (409, "the Idempotency-Key's first request is still being sent (Retry-After)"), 422, 429
+)
+_SUBMIT_RESPONSES: Responses = {
+    **answers(
+        JobAccepted, 202, "enqueued (or, by its Idempotency-Key, enqueued before)", location=True
+    ),
+    **_SUBMIT_REFUSALS,
+}
+_IDEMPOTENCY_KEY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": f"1-{_MAX_KEY} printable ASCII characters: the same key and body "
+            "within the idempotency window answer the same job, nothing enqueued",
+            "schema": {"type": "string", "minLength": 1, "maxLength": _MAX_KEY},
+        }
+    ]
 }
 
 for _kind in ("generate", "chat", "code", "analyze"):
@@ -173,7 +260,11 @@ _task_route("episodes.record", "/db/logs", "episodes.record: record an episode")
 
 
 @router.post(
-    "/jobs", status_code=202, summary="Enqueue any public task", responses=_SUBMIT_RESPONSES
+    "/jobs",
+    status_code=202,
+    summary="Enqueue any public task",
+    responses=_SUBMIT_RESPONSES,
+    openapi_extra=_IDEMPOTENCY_KEY,
 )
 async def submit_job(request: Request, body: JobRequest, caller: ApiCaller) -> JSONResponse:
     # The payload is taken from the raw body: pydantic would turn a NaN into null.
@@ -184,7 +275,11 @@ async def submit_job(request: Request, body: JobRequest, caller: ApiCaller) -> J
 
 
 @router.post(
-    "/jobs/batch", status_code=202, summary="Enqueue many jobs", responses=_SUBMIT_RESPONSES
+    "/jobs/batch",
+    status_code=202,
+    summary="Enqueue many jobs",
+    responses={**answers(BatchAccepted, 202, "every job enqueued"), **_SUBMIT_REFUSALS},
+    openapi_extra=_IDEMPOTENCY_KEY,
 )
 async def submit_batch(request: Request, body: BatchRequest, caller: ApiCaller) -> JSONResponse:
     """Every job is validated first: one bad job enqueues nothing. Jobs of one task are sent
@@ -200,7 +295,14 @@ async def submit_batch(request: Request, body: BatchRequest, caller: ApiCaller) 
     raw_jobs = (await read_json(request))["jobs"]
     header_key = idempotency_key(request)
     problems: list[str] = []
+    max_delay_s = gw.submitter.config.max_delay_s
     for index, item in enumerate(body.jobs):
+        # The library refuses a delay past its cap too, but per task group, after the groups
+        # before it were sent: checked here, a bad delay enqueues nothing.
+        if item.delay_s is not None and item.delay_s > max_delay_s:
+            problems.append(
+                f"body: jobs.{index}.delay_s: at most {max_delay_s:g} s (schedule it later instead)"
+            )
         try:
             gw.submitter.validate(item.task, raw_jobs[index]["payload"])
         except PayloadError as exc:
@@ -237,7 +339,11 @@ async def submit_batch(request: Request, body: BatchRequest, caller: ApiCaller) 
     )
 
 
-@router.get("/jobs", summary="The caller's recent jobs, newest first")
+@router.get(
+    "/jobs",
+    summary="The caller's recent jobs, newest first",
+    responses={**answers(), **refusals(400)},
+)
 async def list_jobs(
     request: Request,
     caller: ApiCaller,
@@ -279,7 +385,11 @@ def _time_ms(name: str, text: str | None) -> int | None:
         raise ApiError(400, f"{name}: {exc}", problems=[f"query: {name}: {exc}"]) from None
 
 
-@router.get("/jobs/{job_id}", summary="One job: its status and, once it ended, its result")
+@router.get(
+    "/jobs/{job_id}",
+    summary="One job: its status and, once it ended, its result",
+    responses={**answers(), **refusals(404)},
+)
 async def get_job(request: Request, job_id: str, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
     entry = await owned_job(gw, caller, job_id)
@@ -290,7 +400,15 @@ async def get_job(request: Request, job_id: str, caller: ApiCaller) -> JSONRespo
     return ok(request, view)
 
 
-@router.delete("/jobs/{job_id}", status_code=202, summary="Ask a job to stop")
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=202,
+    summary="Ask a job to stop",
+    responses={
+        **answers(CancelAccepted, 202, "asked"),
+        **refusals(404, (409, "the job has already ended: nothing to cancel")),
+    },
+)
 async def cancel_job(request: Request, job_id: str, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
     await owned_job(gw, caller, job_id)
@@ -300,7 +418,11 @@ async def cancel_job(request: Request, job_id: str, caller: ApiCaller) -> JSONRe
     return ok(request, {"job_id": job_id, "cancel": outcome}, status=202)
 
 
-@router.post("/jobs/{job_id}/token", summary="A token to follow this job's events")
+@router.post(
+    "/jobs/{job_id}/token",
+    summary="A token to follow this job's events",
+    responses={**answers(), **refusals(404)},
+)
 async def job_token(request: Request, job_id: str, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
     await owned_job(gw, caller, job_id)
@@ -314,7 +436,11 @@ async def job_token(request: Request, job_id: str, caller: ApiCaller) -> JSONRes
     )
 
 
-@router.get("/workflow/status/{job_id}", summary="An n8n.execute job and its n8n execution")
+@router.get(
+    "/workflow/status/{job_id}",
+    summary="An n8n.execute job and its n8n execution",
+    responses={**answers(), **refusals((404, "no such n8n.execute job (or another tenant's)"))},
+)
 async def workflow_status(request: Request, job_id: str, caller: ApiCaller) -> JSONResponse:
     gw = gateway_of(request)
     entry = await owned_job(gw, caller, job_id)

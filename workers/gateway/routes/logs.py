@@ -9,13 +9,18 @@ from starlette.concurrency import run_in_threadpool
 
 from workers.gateway.access import gateway_of
 from workers.gateway.auth import ApiCaller
+from workers.gateway.openapi import answers, refusals
 from workers.gateway.responses import ApiError, ok
 from workers.store.episodes import BadCursor, parse_time, query_episodes
 
-router = APIRouter(prefix="/api/v1", tags=["episodes"])
+router = APIRouter(prefix="/api/v1", tags=["episodes"], responses=refusals(401, 503))
 
 
-@router.get("/db/logs", summary="Episodes, newest first, a page at a time")
+@router.get(
+    "/db/logs",
+    summary="Episodes, newest first, a page at a time",
+    responses={**answers(), **refusals(400)},
+)
 async def episodes(
     request: Request,
     caller: ApiCaller,
