@@ -68,14 +68,18 @@ class Follower:
             self._held[seq] = event
         return self._release()
 
-    def skip(self, to_seq: int) -> list[dict[str, Any]]:
+    def skip(self, to_seq: int, *, ended: bool = False) -> list[dict[str, Any]]:
         """Give up on events up to ``to_seq`` (dropped for a slow reader): a gap marker for
-        those not yet delivered, then whatever was held back behind them."""
+        those not yet delivered, then whatever was held back behind them. ``ended``: the
+        job's terminal event was among them, so the gap is the end."""
         out: list[dict[str, Any]] = []
         if to_seq > self.last_seq and not self.ended:
             out.append(gap(self.job_id, self.last_seq + 1, to_seq))
             self.last_seq = to_seq
             self._held = {s: e for s, e in self._held.items() if s > to_seq}
+            if ended:
+                self.ended = True
+                self._held.clear()
         return out + self._release()
 
     @property

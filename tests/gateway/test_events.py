@@ -5,6 +5,7 @@ that loses events to a gap marker while a fast one beside it gets every one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import socket
@@ -15,10 +16,13 @@ import uuid
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 from websockets.sync.client import connect
 
-from conveyor import jobindex
+from conveyor import jobindex, keys
 from tests.support.sse import messages, read_all
+from tests.support.waiting import wait_for
+from workers.gateway.streams import EventHub, Feed
 from workers.runtime.events import EventPublisher
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,6 +106,22 @@ def _publish(redis_url: str, job_id: str, count: int, *, maxlen: int, size: int 
     client.close()
 
 
+def test_a_gone_sse_client_leaves_no_subscription_behind(gateway, redis_client):
+    other = str(uuid.uuid4())
+    _fake_job(redis_client, other)
+    channel = keys.events_channel(other)
+    with httpx.stream("GET", _events_url(gateway, other), timeout=30) as response:
+        lines = response.iter_lines()  # held: a dropped iterator closes the response
+        assert next(lines) == "retry: 2000"  # connected, subscribed and confirmed
+        time.sleep(0.3)
+        assert redis_client.pubsub_numsub(channel)[0][1] == 1
+    wait_for(
+        lambda: redis_client.pubsub_numsub(channel)[0][1] == 0,
+        timeout=10,
+        what="the gone client's subscription to end",
+    )
+
+
 def test_events_trimmed_from_the_stream_come_as_one_gap_event(gateway, redis_client, redis_url):
     job_id = str(uuid.uuid4())
     _fake_job(redis_client, job_id)
@@ -156,7 +176,9 @@ def test_a_slow_websocket_client_gets_a_gap_and_never_stalls_a_fast_one(
     _fake_job(redis_client, job_id)
     ws_url = gateway.url.replace("http", "ws", 1) + "/api/v1/ws"
     subscribe = json.dumps({"op": "subscribe", "job_id": job_id})
-    count = 3000  # x 10 KB: far beyond what the sockets and the 1000-event buffer hold
+    # x 10 KB: beyond what the sockets and the 1000-event buffer hold, and under the 32 MB a
+    # Redis keeps for a pub/sub subscriber before it drops the connection.
+    count = 2000
     # The slow client's socket takes 64 KB (no autotuning to 32 MB): what it does not read
     # waits in the gateway, whose buffer for it holds 1000 events.
     small = socket.create_connection(("127.0.0.1", gateway.port))
@@ -202,3 +224,33 @@ def test_a_slow_websocket_client_gets_a_gap_and_never_stalls_a_fast_one(
     assert gaps, "the slow client's buffer never overflowed: the test proves nothing"
     assert slow_seqs == list(range(1, count + 1)), "events or gaps out of order"
     assert fast_took < 60
+
+
+def test_a_feed_that_overflows_past_the_terminal_event_ends_with_the_gap(redis_client, redis_url):
+    """The bounded buffer of one client (here 10 events), read only after 50 were published:
+    what it could not hold becomes one gap marker, and as the terminal event was in it, the
+    follower ends (an SSE stream closes, a WebSocket subscription is done)."""
+    job_id = str(uuid.uuid4())
+    _fake_job(redis_client, job_id)
+
+    async def run() -> list[dict]:
+        client = aioredis.Redis.from_url(redis_url)
+        hub = EventHub(client, job_tenant=lambda job: None)
+        await hub.start()
+        feed = Feed(hub, None, buffer=10)
+        try:
+            assert await feed.follow(job_id, 0) == []
+            await asyncio.to_thread(_publish, redis_url, job_id, 50, maxlen=1000)
+            await asyncio.sleep(0.5)  # the hub offers all 50; the feed keeps 10
+            out: list[dict] = []
+            while job_id in feed.followers:
+                out += await feed.next(1.0) or []
+            return out
+        finally:
+            await feed.close()
+            await hub.stop()
+            await client.aclose()
+
+    out = asyncio.run(run())
+    assert [e["seq"] for e in out if "seq" in e] == list(range(1, 11))
+    assert out[-1] == {"control": "gap", "job_id": job_id, "from_seq": 11, "to_seq": 50}

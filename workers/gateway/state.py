@@ -39,8 +39,16 @@ class Gateway:
         core = settings.core()
         spec = settings.check_gateway()
         client = ClientConfig.from_env()
-        aredis = aioredis.Redis.from_url(
-            core.redis_url, socket_timeout=30, socket_connect_timeout=5, max_connections=512
+        # Blocking: a burst of new streams waits for a connection (each read is short)
+        # instead of failing with "too many connections".
+        aredis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                core.redis_url,
+                max_connections=256,
+                timeout=20,
+                socket_timeout=30,
+                socket_connect_timeout=5,
+            )
         )
 
         async def job_tenant(job_id: str) -> str | None:
@@ -54,7 +62,7 @@ class Gateway:
             submitter=Submitter(client),
             redis=redis.Redis.from_url(core.redis_url, socket_timeout=15, socket_connect_timeout=5),
             aredis=aredis,
-            hub=EventHub(aredis, job_tenant),
+            hub=EventHub(aredis, job_tenant, redis_url=core.redis_url),
             keys=KeyRing(dict(spec.key_tenants), dev=core.env == "dev"),
             tokens=Tokens(spec.token_secret, spec.token_ttl_s),
             limit=KeyRateLimit(core.redis_url, spec.rate_limit),

@@ -17,15 +17,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from conveyor import keys
-from conveyor.envelopes import FAMILIES
+from conveyor.envelopes import FAMILIES, TERMINAL_TYPES
 from conveyor.streams import Follower, decode, gap
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,9 @@ COMPONENTS = frozenset(component for component, _ in FAMILIES.values())
 
 #: Seconds to wait for Redis to confirm a subscription before replaying the stream.
 _CONFIRM_S = 5.0
+#: Seconds between two looks of an idle feed at its jobs' streams for events the live feed
+#: lost (besides one after every reconnect of the hub's pub/sub connection).
+CATCH_UP_S = 60.0
 #: Events handed to a connection at once.
 _SLICE = 64
 #: Entries read from a job's stream at most (its cap is CONVEYOR_EVENT_STREAM_MAXLEN).
@@ -44,14 +50,26 @@ _HISTORY_MAX = 100_000
 class Feed:
     """One client's events: those of the jobs it follows and of the components it watches."""
 
-    def __init__(self, hub: EventHub, tenant: str, buffer: int):
+    def __init__(self, hub: EventHub, tenant: str | None, buffer: int, *, refill: bool = False):
         self.hub = hub
         self.tenant = tenant
+        #: What the buffer dropped is read again from the job's stream (an SSE client, one
+        #: job: at most the stream's cap at a time) rather than given up for a gap marker (a
+        #: WebSocket client of many jobs and firehoses).
+        self._refill = refill
         self._buffer = buffer
         self._items: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
-        #: job id -> (lowest, highest) seq dropped while the buffer was full.
-        self._dropped: dict[str, tuple[int, int]] = {}
+        #: job id -> (lowest, highest) seq dropped while the buffer was full, and whether the
+        #: job's terminal event was among them (its follower ends with the gap then).
+        self._dropped: dict[str, tuple[int, int, bool]] = {}
+        #: When this feed last looked for events its live feed missed (``_catch_up``), and the
+        #: hub's reconnect count then.
+        self._checked_at = time.monotonic()
+        self._checked_generation = hub.generation
+        #: A subscription Redis did not confirm: until live events flow, every quiet spell
+        #: reads the streams (a job followed is never left waiting for the catch-up period).
+        self._suspect = False
         self.followers: dict[str, Follower] = {}
         self.components: set[str] = set()
         #: job id -> the last seq this client got from a firehose: following that job later
@@ -63,8 +81,9 @@ class Feed:
     def offer(self, event: dict[str, Any]) -> None:
         if len(self._items) >= self._buffer:
             job_id, seq = str(event.get("job_id")), int(event.get("seq", 0))
-            low, high = self._dropped.get(job_id, (seq, seq))
-            self._dropped[job_id] = (min(low, seq), max(high, seq))
+            low, high, ended = self._dropped.get(job_id, (seq, seq, False))
+            terminal = event.get("type") in TERMINAL_TYPES
+            self._dropped[job_id] = (min(low, seq), max(high, seq), ended or terminal)
         else:
             self._items.append(event)
         self._wake.set()
@@ -75,7 +94,8 @@ class Feed:
         """Start following a job; what its stream holds after ``after_seq``, to send first."""
         after_seq = max(after_seq, self._fired.pop(job_id, 0))
         follower = self.followers[job_id] = Follower(job_id, after_seq)
-        await self.hub.watch(job_id, self)
+        if not await self.hub.watch(job_id, self):
+            self._suspect = True  # not confirmed: read the stream at every quiet spell
         replayed = follower.replay(await self.hub.history(job_id))
         self._end_if_done(job_id, follower)
         return replayed
@@ -106,13 +126,16 @@ class Feed:
             out += await self._deliver(event)
         if self._items:
             return out  # the gaps come once everything before them is out
-        for job_id, (low, high) in list(self._dropped.items()):
+        for job_id, (low, high, ended) in list(self._dropped.items()):
             del self._dropped[job_id]
             follower = self.followers.get(job_id)
             if follower is None:
                 out.append(gap(job_id, low, high))
+            elif self._refill:
+                out += follower.replay(await self.hub.history(job_id))
+                self._end_if_done(job_id, follower)
             else:
-                out += follower.skip(high)
+                out += follower.skip(high, ended=ended)
                 self._end_if_done(job_id, follower)
         return out
 
@@ -128,6 +151,7 @@ class Feed:
     async def _deliver(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         job_id = str(event.get("job_id"))
         follower = self.followers.get(job_id)
+        self._suspect = False  # live events flow
         if follower is None:  # a firehose event of a job this client does not follow
             if not self._wants(event):
                 return []
@@ -153,9 +177,19 @@ class Feed:
             self.hub.unwatch_soon(job_id, self)
 
     async def _catch_up(self) -> list[dict[str, Any]]:
-        """A quiet spell: a followed job whose stream went past what we delivered lost a live
-        event (its terminal one, perhaps); deliver from the stream."""
+        """A quiet spell after the hub reconnected (or every ``CATCH_UP_S`` anyway): a
+        followed job whose stream went past what we delivered lost a live event (its terminal
+        one, perhaps); deliver from the stream. Not at every keep-alive: ten thousand idle
+        streams would ask Redis hundreds of times a second for nothing."""
         out: list[dict[str, Any]] = []
+        now = time.monotonic()
+        if (
+            not self._suspect
+            and self.hub.generation == self._checked_generation
+            and now - self._checked_at < CATCH_UP_S
+        ):
+            return out
+        self._checked_at, self._checked_generation = now, self.hub.generation
         if not self.followers:
             return out
         latest = await self.hub.latest_seqs(list(self.followers))
@@ -170,8 +204,19 @@ class Feed:
 class EventHub:
     """The process's one pub/sub connection, shared by every feed."""
 
-    def __init__(self, client: aioredis.Redis, job_tenant: Any):
+    def __init__(self, client: aioredis.Redis, job_tenant: Any, *, redis_url: str | None = None):
         self._client = client
+        # The pub/sub connection must not reconnect behind our back (redis-py retries by
+        # default): after Redis drops a subscriber that fell behind, a silent reconnect left
+        # channels unsubscribed. Without retries the error reaches _read_forever, which makes
+        # a new connection, subscribes every channel again and bumps ``generation``.
+        self._pubsub_client = (
+            aioredis.Redis.from_url(
+                redis_url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+            )
+            if redis_url
+            else client
+        )
         #: async (job_id) -> tenant or None: whose job an event is (for the firehose).
         self._job_tenant = job_tenant
         self._pubsub: Any = None
@@ -182,9 +227,12 @@ class EventHub:
         self._subscribed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tenants: dict[str, str | None] = {}
+        #: Bumped whenever the pub/sub connection is made anew: whatever was published
+        #: meanwhile reached no feed, and each feed reads its streams again.
+        self.generation = 0
 
     async def start(self) -> None:
-        self._pubsub = self._client.pubsub()
+        self._pubsub = self._pubsub_client.pubsub()
         self._reader = asyncio.create_task(self._read_forever(), name="event-hub")
 
     async def stop(self) -> None:
@@ -195,12 +243,17 @@ class EventHub:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
+        if self._pubsub_client is not self._client:
+            with contextlib.suppress(Exception):
+                await self._pubsub_client.aclose()
 
     @property
     def followed_jobs(self) -> int:
         return len(self._jobs)
 
-    async def watch(self, job_id: str, feed: Feed) -> None:
+    async def watch(self, job_id: str, feed: Feed) -> bool:
+        """Subscribe ``feed`` to the job's channel; whether Redis confirmed the subscription
+        (within ``_CONFIRM_S``)."""
         channel = keys.events_channel(job_id)
         async with self._lock:
             feeds = self._jobs.setdefault(job_id, set())
@@ -209,12 +262,22 @@ class EventHub:
                 confirmed = self._confirmed.get(channel)
             else:
                 confirmed = self._confirmed[channel] = asyncio.Event()
-                await self._pubsub.subscribe(channel)
-                self._subscribed.set()
-        if confirmed is not None:
-            # Replaying before Redis confirms could miss an event published in between.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(confirmed.wait(), _CONFIRM_S)
+                try:
+                    await self._pubsub.subscribe(channel)
+                    self._subscribed.set()
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    # The connection is gone: the reader makes a new one, which subscribes
+                    # every followed job's channel, this one included.
+                    log.warning("event hub: could not subscribe to %s: %s", channel, exc)
+                    confirmed = None
+        if confirmed is None:
+            return False
+        # Replaying before Redis confirms could miss an event published in between.
+        try:
+            await asyncio.wait_for(confirmed.wait(), _CONFIRM_S)
+        except TimeoutError:
+            return False
+        return True
 
     async def unwatch(self, job_id: str, feed: Feed) -> None:
         async with self._lock:
@@ -273,6 +336,9 @@ class EventHub:
         while True:
             try:
                 await self._subscribed.wait()
+                if self._pubsub.connection is None:  # no subscription made yet, or none left
+                    await asyncio.sleep(0.05)
+                    continue
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
                 if message is not None:
@@ -289,13 +355,14 @@ class EventHub:
         async with self._lock:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
-            self._pubsub = self._client.pubsub()
+            self._pubsub = self._pubsub_client.pubsub()
             channels = [keys.events_channel(job_id) for job_id in self._jobs]
             with contextlib.suppress(Exception):
                 if channels:
                     await self._pubsub.subscribe(*channels)
                 if self._firehose:
                     await self._pubsub.psubscribe(keys.EVENTS_PATTERN)
+            self.generation += 1
         # Whatever was published meanwhile is in the streams: feeds find the hole by seq,
         # or at their next quiet spell (Feed._catch_up).
 

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
@@ -84,7 +85,7 @@ async def job_events(
     caller = _caller(gw, request.headers, job_id, token, None)
     await owned_job(gw, caller, job_id)
     after = _after_seq(last_event_id, from_seq)
-    feed = Feed(gw.hub, caller.tenant, gw.spec.client_buffer)
+    feed = Feed(gw.hub, caller.tenant, gw.spec.client_buffer, refill=True)
     try:
         first = await feed.follow(job_id, after)
     except BaseException:
@@ -140,8 +141,7 @@ async def _stream(
             for item in items:
                 yield _sse(item)
     finally:
-        with contextlib.suppress(OSError, RedisError):
-            await feed.close()
+        await _close(feed)
 
 
 @router.websocket("/ws")
@@ -193,6 +193,14 @@ async def events_socket(
         pumping.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pumping
+        await _close(feed)
+
+
+async def _close(feed: Feed) -> None:
+    """Unsubscribe a gone client's feed. Shielded: a disconnect cancels the connection's scope,
+    and in a cancelled scope every await would fail at once, leaving the subscriptions (and
+    the hub's memory of them) behind for good."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(OSError, RedisError):
         await feed.close()
 
 
