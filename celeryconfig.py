@@ -102,12 +102,15 @@ result_expires = _env.integer("CONVEYOR_RESULT_TTL", 86_400, minimum=60)
 #: (bench/ai_inflight.py) and that much more Redis memory, for nothing a caller reads. Flower
 #: shows arguments from the task events; dead letters keep failed payloads.
 result_extended = False
-# STARTED tells a caller the job left the queue; Flower shows it too.
-task_track_started = True
+# Off: a STARTED state cost every job two more round trips (Celery reads the state, then writes
+# it). A job's ``*_start`` event already says it left the queue: ``Job.status()`` and the
+# gateway read "running" from its event stream; Flower has its task-started event.
+task_track_started = False
 
-# --- Monitoring: Flower sees every job from sent to done. --------------------------------------
+# --- Monitoring: Flower sees every job a worker receives, runs and ends. ------------------------
 worker_send_task_events = True
-task_send_sent_event = True
+#: A task-sent event costs every submit a round trip: on only with CONVEYOR_TASK_SENT_EVENTS=1.
+task_send_sent_event = _client.task_sent_events
 #: Seconds an events queue of a gone monitor lives, so a stopped Flower leaves no growing queue.
 event_queue_expires = 60.0
 

@@ -224,6 +224,9 @@ class ClientConfig:
     longest_time_limit_s: int = DEFAULT_LONGEST_TIME_LIMIT_S
     #: Priority of a job that names none: 0 (served first) .. 9.
     default_priority: int = 5
+    #: Whether a submit publishes Celery's task-sent event (``CONVEYOR_TASK_SENT_EVENTS``):
+    #: Flower then lists a job before a worker takes it, for one more round trip a submit.
+    task_sent_events: bool = False
     #: Whether the broker came from configuration (False: the default, 127.0.0.1).
     configured: bool = False
 
@@ -243,6 +246,7 @@ class ClientConfig:
             visibility_timeout_s=env.integer("CONVEYOR_VISIBILITY_TIMEOUT", 1800, minimum=1),
             longest_time_limit_s=_longest_time_limit(env),
             configured=env.is_set("REDIS_URL") or env.is_set("CELERY_BROKER_URL"),
+            task_sent_events=env.choice("CONVEYOR_TASK_SENT_EVENTS", "0", ("0", "1")) == "1",
         )
 
     @property
@@ -270,7 +274,8 @@ class ClientConfig:
             "event_serializer": "json",
             "broker_transport_options": broker_transport_options(self.visibility_timeout_s),
             "result_backend_transport_options": {"visibility_timeout": self.visibility_timeout_s},
-            # Flower shows a job from the moment it is sent.
-            "task_send_sent_event": True,
+            # Flower shows a job from the moment it is sent: a PUBLISH per submit, so off
+            # unless asked for (CONVEYOR_TASK_SENT_EVENTS=1); workers' events show it anyway.
+            "task_send_sent_event": self.task_sent_events,
             "task_default_priority": self.default_priority,
         }

@@ -68,9 +68,10 @@ class Job:
         return AsyncResult(self.id, app=self._submitter.app)
 
     def status(self) -> str:
-        """Celery's state: PENDING (queued or unknown), STARTED, RETRY, SUCCESS, FAILURE, or
-        REVOKED (cancelled)."""
-        return str(self._async_result().state)
+        """Celery's state: PENDING (queued or unknown), STARTED (its ``*_start`` event is
+        out), RETRY, SUCCESS, FAILURE, or REVOKED (cancelled)."""
+        [meta] = self._submitter.states([self.id])
+        return "PENDING" if meta is None else str(meta.get("status"))
 
     def result(
         self, timeout: float | None = None, *, raise_on_failure: bool = False
@@ -148,6 +149,23 @@ class _ClientApp(Celery):
 
     def connection_for_read(self, url: str | None = None, **kwargs: Any) -> Any:
         return super().connection_for_read(url or self._broker_url, **kwargs)
+
+    def _get_backend(self) -> Any:
+        """Celery's backend, minus the result-channel subscription ``send_task`` makes for
+        every job (a SUBSCRIBE now and an UNSUBSCRIBE later: two round trips a submit, for a
+        handle most callers never wait on). A caller that waits subscribes then, and reads
+        the stored result after subscribing, so a job that ended first is not missed.
+
+        Private Celery behaviour, fenced here: ``Celery._get_backend``, ``send_task``'s call
+        of ``backend.on_task_call``, and ``AsyncResult.get`` subscribing for itself;
+        ``tests/client/test_fences.py`` fails loudly when an upgrade changes one of them."""
+        backend = super()._get_backend()
+        backend.on_task_call = _no_subscription
+        return backend
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    return None
 
 
 class Submitter:
@@ -301,16 +319,29 @@ class Submitter:
         return "running" if started else "not started"
 
     def states(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
-        """Celery's result metadata of each job (``status``, ``result``, ``date_done``), in
-        one round trip on a Redis backend; None for a job with none yet (queued, or unknown)."""
+        """Celery's result metadata of each job (``status``, ``result``, ``date_done``); for
+        a job with none yet, ``{"status": "STARTED"}`` once its events began (workers do not
+        write a STARTED state: its event says it), else None (queued, or unknown). Two round
+        trips on a Redis backend, whatever the number of jobs."""
         backend: Any = self.app.backend
         if not job_ids:
             return []
+        metas: list[dict[str, Any] | None]
         if hasattr(backend, "mget") and hasattr(backend, "get_key_for_task"):
             raw = backend.mget([backend.get_key_for_task(job_id) for job_id in job_ids])
-            return [None if value is None else backend.decode_result(value) for value in raw]
-        metas = [backend.get_task_meta(job_id) for job_id in job_ids]
-        return [None if meta.get("status") == "PENDING" else meta for meta in metas]
+            metas = [None if value is None else backend.decode_result(value) for value in raw]
+        else:
+            found = [backend.get_task_meta(job_id) for job_id in job_ids]
+            metas = [None if meta.get("status") == "PENDING" else meta for meta in found]
+        waiting = [i for i, meta in enumerate(metas) if meta is None]
+        if waiting:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in waiting:
+                pipe.exists(keys.events_stream(job_ids[i]))
+            for i, started in zip(waiting, pipe.execute(), strict=True):
+                if started:
+                    metas[i] = {"status": "STARTED", "result": None}
+        return metas
 
     def job(self, job_id: str, task: str = "") -> Job:
         """A handle on a job submitted earlier (by any process)."""
