@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint format clean soak browser
+.PHONY: install dev test lint format clean soak browser bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+## Not in CI: Conveyor beside plain Celery (defaults and tuned), Dramatiq and huey on one
+## embedded Valkey; prints the table, writes bench/results/compare.{md,json,png} (~8 min).
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.compare --profile
 
 ## Not in CI: 100,000 mixed jobs through real workers with faults injected at random (bench/soak.py).
 soak: install
