@@ -44,6 +44,6 @@ def worker_argv(spec: PoolSettings, *, hostname: str | None = None) -> list[str]
             f"--soft-time-limit={spec.soft_time_limit_s}",
             f"--time-limit={spec.time_limit_s}",
         ]
-    if spec.max_tasks_per_child and spec.pool == "prefork":
-        argv.append(f"--max-tasks-per-child={spec.max_tasks_per_child}")
+    if spec.max_memory_per_child_kb and spec.pool == "prefork":
+        argv.append(f"--max-memory-per-child={spec.max_memory_per_child_kb}")
     return argv

@@ -53,6 +53,7 @@ def test_open_circuit_sends_jobs_to_the_fallback_for_every_worker(submitter, tmp
             CONVEYOR_PROVIDERS=json.dumps({"backup": backup_config}),
         )
         try:
+            env = {**env, "CONVEYOR_LOG_JOBS": "1"}  # which worker ran what: its job lines
             first, second = factory.start("ai", env=env), factory.start("ai", env=env)
             opener = submitter.submit("ai.generate", {"prompt": "hi"})
             assert opener.result(timeout=30)["data"]["provider"] == "backup"

@@ -356,7 +356,9 @@ class TestWithOneWorker:
     ):
         path = path_for(unique, "slow")
         fake.add_async(path, {"late": True}, queued_s=0.1, run_s=600.0)  # ended by the test
-        maintenance = workers.start("maintenance", env=n8n_env(fake.url), wait=False)
+        maintenance = workers.start(
+            "maintenance", env={**n8n_env(fake.url), "CONVEYOR_LOG_JOBS": "1"}, wait=False
+        )
         job = submitter.submit("n8n.execute", {"workflow": path, "mode": "async", "timeout_s": 1.5})
         handed = wait_for(
             lambda: [e for e in events_of(redis_client, job.id) if e["data"].get("handed_over")],

@@ -164,3 +164,17 @@ def test_events_are_numbered_replayable_and_published_live(workers, submitter, r
         assert event["timestamp"].endswith("Z") and len(event["timestamp"]) == 24
     # A late listener replays the same events from the stream.
     assert list(submitter.job(job_id).events(timeout=5)) == replayed
+
+
+def test_a_job_logs_nothing_when_all_goes_well_unless_asked(workers, submitter):
+    """Celery's two INFO lines a job are off by default (CPU on a busy worker); on with
+    CONVEYOR_LOG_JOBS=1."""
+    quiet = workers.start("maintenance")
+    job = submitter.submit("maintenance.ping", {"message": "quiet"})
+    assert job.result(timeout=30)["success"] is True
+    assert job.id not in quiet.log()
+    quiet.stop()
+    chatty = workers.start("maintenance", env={"CONVEYOR_LOG_JOBS": "1"})
+    job = submitter.submit("maintenance.ping", {"message": "chatty"})
+    assert job.result(timeout=30)["success"] is True
+    chatty.wait_for_log(f"{job.id}] succeeded", timeout=10)

@@ -24,7 +24,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, states
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from kombu.message import Message
@@ -113,6 +115,66 @@ def store_successes(app: Any, results: Sequence[tuple[str, Any]]) -> None:
         pipe.execute()
 
 
+# Stores a result unless the job's stored state is already SUCCESS (Celery's guard against a
+# lost worker's late copy overwriting a success), then publishes it to waiting callers: the
+# read and the write in one round trip instead of two. KEYS[1] the result key; ARGV[1] the
+# encoded meta (JSON, the only serializer we accept), ARGV[2] seconds to keep it (0: always).
+_STORE_UNLESS_SUCCESS = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+    return 0
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend, storing a job's end in one round trip (a script) where
+    Celery reads the state and then writes it (two). The workers' app uses it
+    (``workers.app``); the meta it stores is the one Celery builds (``_get_result_meta``), so
+    every reader (``AsyncResult``, Flower, the gateway) reads it unchanged.
+
+    Private Celery behaviour, fenced here: ``BaseKeyValueStoreBackend._store_result``'s
+    contract (build the meta, skip when SUCCESS is stored, ``_set_with_state``) and
+    ``RedisBackend``'s ``_MAX_STR_VALUE_SIZE`` and ``client``; ``check()`` names any that
+    is gone."""
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = str(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError(
+                "value too large for Redis backend", state=state, task_id=task_id
+            )
+        script = self.__dict__.get("_conveyor_store")
+        if script is None:
+            script = self.__dict__["_conveyor_store"] = self.client.register_script(
+                _STORE_UNLESS_SUCCESS
+            )
+        self.ensure(script, ([self.get_key_for_task(task_id)], [value, int(self.expires or 0)]))
+        return result
+
+
 def check() -> None:
     """Raise ``FenceBroken`` naming the first private behaviour that is gone."""
     problems: list[str] = []
@@ -122,6 +184,15 @@ def check() -> None:
             problems.append(what)
 
     need(hasattr(Task, "Strategy"), "celery.Task.Strategy (the task strategy hook)")
+    need(
+        hasattr(RedisBackend, "_get_result_meta") and hasattr(RedisBackend, "_MAX_STR_VALUE_SIZE"),
+        "celery RedisBackend._get_result_meta / _MAX_STR_VALUE_SIZE (ResultBackend builds on them)",
+    )
+    need(
+        "_get_task_meta_for" in inspect.getsource(BaseKeyValueStoreBackend._store_result),
+        "BaseKeyValueStoreBackend._store_result no longer reads before writing: ResultBackend "
+        "copies its guard, compare them",
+    )
     need(callable(getattr(Consumer, "call_soon", None)), "celery Consumer.call_soon")
     need(
         callable(getattr(Consumer, "on_connection_error_after_connected", None)),
