@@ -12,12 +12,12 @@ from conveyor.schemas.common import Attribution, Name, Payload, ProviderName
 class GenerationOptions(Attribution):
     provider: ProviderName | None = None
     model: Name | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(strict=True, default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(strict=True, default=None, ge=1, le=1_000_000)
     stop: list[str] = Field(default_factory=list, max_length=4)
     system: str | None = Field(default=None, max_length=100_000)
     #: Prepend this many of the session's last episodes as context (needs session_id).
-    history: int = Field(default=0, ge=0, le=100)
+    history: int = Field(strict=True, default=0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _history_needs_session(self) -> GenerationOptions:

@@ -19,10 +19,10 @@ _NUL = "\x00"
 class Tokens(Payload):
     """Token counts: ``episodic_logs`` keeps them in ``INTEGER`` columns (at most 2**31-1)."""
 
-    prompt: int = Field(default=0, ge=0, le=INT32_MAX)
-    completion: int = Field(default=0, ge=0, le=INT32_MAX)
+    prompt: int = Field(strict=True, default=0, ge=0, le=INT32_MAX)
+    completion: int = Field(strict=True, default=0, ge=0, le=INT32_MAX)
     #: 0: prompt + completion.
-    total: int = Field(default=0, ge=0, le=INT32_MAX)
+    total: int = Field(strict=True, default=0, ge=0, le=INT32_MAX)
     #: True when the counts were estimated (~4 characters a token), not reported by a provider.
     estimated: bool = False
 
@@ -43,7 +43,7 @@ class EpisodePayload(Payload):
     prompt: str = ""
     response: str = ""
     tokens: Tokens = Field(default_factory=Tokens)
-    latency_ms: float | None = Field(default=None, ge=0)
+    latency_ms: float | None = Field(strict=True, default=None, ge=0)
     status: str = Field(default="success", min_length=1, max_length=50)
     job_id: Identifier | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -74,4 +74,4 @@ class EpisodeRetentionPayload(Payload):
     """``maintenance.episode_retention``: beat sends ``{}``; an operator may override the age."""
 
     #: Delete episodes older than this many days (default: CONVEYOR_EPISODE_RETENTION_DAYS).
-    days: int | None = Field(default=None, ge=1, le=36_500)
+    days: int | None = Field(strict=True, default=None, ge=1, le=36_500)

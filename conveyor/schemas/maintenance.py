@@ -12,7 +12,7 @@ class PingPayload(Payload):
 
     message: str = Field(default="ping", max_length=1000)
     #: Seconds the job holds its worker (0-60): lets an operator see a job in flight.
-    hold_s: float = Field(default=0.0, ge=0.0, le=60.0)
+    hold_s: float = Field(strict=True, default=0.0, ge=0.0, le=60.0)
 
 
 class NoPayload(Payload):

@@ -15,4 +15,4 @@ class N8nExecutePayload(Attribution):
     )
     data: dict[str, Any] = Field(default_factory=dict)
     mode: Literal["sync", "async"] = "sync"
-    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    timeout_s: float = Field(strict=True, default=300.0, gt=0, le=86_400)
