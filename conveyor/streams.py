@@ -49,6 +49,8 @@ class Follower:
     def replay(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Deliver from a full read of the stream: what it holds past ``last_seq``, with a gap
         marker first when the oldest it holds is beyond the next one expected."""
+        events = list(events)
+        self._end_if_past(events)
         fresh = sorted(
             (e for e in events if int(e.get("seq", 0)) > self.last_seq), key=lambda e: e["seq"]
         )
@@ -64,9 +66,18 @@ class Follower:
     def live(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Deliver from the live channel: in order, holding back what comes early."""
         seq = int(event.get("seq", 0))
+        self._end_if_past([event])
         if seq > self.last_seq:
             self._held[seq] = event
         return self._release()
+
+    def _end_if_past(self, events: list[dict[str, Any]]) -> None:
+        """A terminal event at or before the last seq delivered: the job ended before where
+        the caller started (a ``from_seq`` past its end); nothing more will come."""
+        for event in events:
+            if event.get("type") in TERMINAL_TYPES and int(event.get("seq", 0)) <= self.last_seq:
+                self.ended = True
+                self._held.clear()
 
     def skip(self, to_seq: int, *, ended: bool = False) -> list[dict[str, Any]]:
         """Give up on events up to ``to_seq`` (dropped for a slow reader): a gap marker for

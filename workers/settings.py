@@ -406,10 +406,16 @@ def gateway() -> GatewaySettings:
             continue
         tenant, sep, digest = entry.strip().partition(":")
         digest = digest.strip().lower()
-        if not sep or not tenant or not set(tenant) <= TENANT_CHARS or len(tenant) > 64:
+        if (
+            not sep
+            or not tenant
+            or not set(tenant) <= TENANT_CHARS
+            or len(tenant) > 64
+            or not tenant[0].isalnum()
+        ):
             raise ConfigError(
                 f"CONVEYOR_GATEWAY_KEYS: entry {n} must be tenant:sha256-hex, the tenant 1-64 "
-                "letters, digits, '-', '_' or '.'"
+                "letters, digits, '-', '_' or '.', starting with a letter or digit"
             )
         if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
             raise ConfigError(

@@ -63,3 +63,13 @@ def test_skip_marks_a_gap_for_what_a_slow_reader_dropped():
     out = follower.skip(4)
     assert out[0] == {"control": "gap", "job_id": "j", "from_seq": 2, "to_seq": 4}
     assert out[1:] == [_event(5, 9)]
+
+
+def test_a_follower_starting_past_the_end_ends_at_the_terminal_event():
+    """``from_seq`` beyond a job's last event: nothing to deliver, and it must not wait for
+    events that will never come."""
+    follower = Follower("j", 50)
+    assert follower.replay([_event(seq, 5) for seq in range(1, 6)]) == []
+    assert follower.ended
+    live = Follower("j", 50)
+    assert live.live(_event(5, 5)) == [] and live.ended

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from conveyor import keys
@@ -74,7 +75,11 @@ def test_a_tenant_never_sees_another_tenants_job(keyed_gateway, ping_worker):
     assert job_id not in [j["job_id"] for j in listed]
     # Over a WebSocket: a subscription to another's job is refused; their firehose is silent.
     ws_url = keyed_gateway.url.replace("http", "ws", 1) + "/api/v1/ws"
-    with connect(f"{ws_url}?api_key={keyed_gateway_key('globex')}", open_timeout=10) as ws:
+    # A key in a URL is refused (URLs are logged); a WebSocket client sends it as a header.
+    with pytest.raises(InvalidStatus), connect(f"{ws_url}?api_key={keyed_gateway_key('globex')}"):
+        pass
+    globex_header = {"Authorization": f"Bearer {keyed_gateway_key('globex')}"}
+    with connect(ws_url, additional_headers=globex_header, open_timeout=10) as ws:
         ws.send(json.dumps({"op": "subscribe", "component": "*"}))
         assert json.loads(ws.recv(10))["control"] == "subscribed"
         ws.send(json.dumps({"op": "subscribe", "job_id": job_id}))
@@ -211,3 +216,40 @@ def test_outside_dev_mode_the_gateway_will_not_start_without_keys_or_secret(tmp_
         assert result.returncode == 78, result.stderr
         assert missing in result.stderr
         assert "cvk_the_key_itself" not in result.stderr
+
+
+def test_a_tenant_may_not_send_the_operators_housekeeping(keyed_gateway, redis_client):
+    """Retention, reconciliation and the dead-letter flush act on every tenant's rows: a
+    tenant's request for one is refused and nothing is enqueued."""
+    before = redis_client.zcard(keys.tenant_jobs("acme"))
+    for task, payload in (
+        ("maintenance.episode_retention", {"days": 1}),
+        ("maintenance.flush_dead_letters", {}),
+        ("maintenance.reconcile_workflows", {}),
+    ):
+        response = httpx.post(
+            f"{keyed_gateway.url}/api/v1/jobs",
+            json={"task": task, "payload": payload},
+            headers=keyed_gateway.for_tenant("acme"),
+        )
+        assert response.status_code == 403, response.text
+        assert "operator" in response.json()["error"]
+    batch = httpx.post(
+        f"{keyed_gateway.url}/api/v1/jobs/batch",
+        json={"jobs": [{"task": "maintenance.episode_retention", "payload": {"days": 1}}]},
+        headers=keyed_gateway.for_tenant("acme"),
+    )
+    assert batch.status_code == 403
+    assert redis_client.zcard(keys.tenant_jobs("acme")) == before
+
+
+def test_odd_tokens_and_event_ids_are_refused_not_crashed(keyed_gateway, ping_worker):
+    job = _submit(keyed_gateway, "acme")
+    url = f"{keyed_gateway.url}/api/v1/jobs/{job['job_id']}/events"
+    for token in ("a.%C3%A9", "%C3%A9.%C3%A9", "%ED%B3%BF.x", "."):
+        assert httpx.get(f"{url}?token={token}").status_code == 401, token
+    superscript_two = "²".encode("latin-1")  # str.isdigit() says yes, int() says no
+    odd = httpx.get(
+        url, headers={**keyed_gateway.for_tenant("acme"), "Last-Event-ID": superscript_two}
+    )
+    assert odd.status_code == 400

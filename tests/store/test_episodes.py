@@ -236,3 +236,19 @@ def test_bad_records_are_refused_at_submit_with_a_clear_error(submitter, payload
     with pytest.raises(PayloadError) as caught:
         submitter.validate("episodes.record", payload)
     assert problem in str(caught.value)
+
+
+def test_recalled_history_is_the_tenants_own(conn, engine, unique):
+    """Two tenants (and a service of none) use the same session id: each recalls only its
+    own conversation, never another's."""
+    session = f"{unique}-shared"
+    rows = []
+    for n, tenant in enumerate(("acme", "globex", None)):
+        payload = EpisodePayload.model_validate(
+            {"user_id": "u", "model_type": "m", "session_id": session, "prompt": f"p-{tenant}"}
+        )
+        rows.append(episode_row(payload, episode_id=f"{unique}-{n}", tenant=tenant))
+    _write(conn, rows)
+    for tenant in ("acme", "globex", None):
+        recalled = recent_episodes(engine, session, 10, 10_000, count_tokens=len, tenant=tenant)
+        assert [e["prompt"] for e in recalled] == [f"p-{tenant}"]

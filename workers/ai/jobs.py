@@ -62,7 +62,7 @@ def run(
     ctx: JobContext, task: str, payload: Any, shape: Callable[[str], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """One generation for ``task``: prompt, stream, shape the answer, record the episode."""
-    messages = messages_for(task, payload, history=_recall(payload))
+    messages = messages_for(task, payload, history=_recall(payload, ctx.origin.tenant))
     # Our own deadline: the threads pool cannot enforce Celery's time limits.
     deadline = time.monotonic() + settings.pool(AI).soft_time_limit_s
     with cancel_watch().watching(ctx.job_id) as cancelled:
@@ -88,8 +88,9 @@ def run(
     return data
 
 
-def _recall(payload: Any) -> list[dict[str, str]]:
-    """The session's last ``history`` episodes, as the turns of a conversation, oldest first."""
+def _recall(payload: Any, tenant: str | None) -> list[dict[str, str]]:
+    """The session's last ``history`` episodes of the job's tenant, as the turns of a
+    conversation, oldest first."""
     if not payload.history:
         return []
     episodes = recent_episodes(
@@ -98,6 +99,7 @@ def _recall(payload: Any) -> list[dict[str, str]]:
         payload.history,
         settings.ai().history_tokens,
         count_tokens=estimate_tokens,
+        tenant=tenant,
     )
     turns: list[dict[str, str]] = []
     for episode in episodes:

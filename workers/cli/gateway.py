@@ -56,7 +56,7 @@ def _gateway_key(args: argparse.Namespace, rest: list[str]) -> int:
     from workers.settings import TENANT_CHARS
 
     tenant = args.tenant
-    if not tenant or len(tenant) > 64 or not set(tenant) <= TENANT_CHARS:
+    if not tenant or len(tenant) > 64 or not set(tenant) <= TENANT_CHARS or not tenant[0].isalnum():
         print(
             "conveyor gateway-key: a tenant is 1-64 letters, digits, '-', '_' or '.'",
             file=sys.stderr,

@@ -51,6 +51,9 @@ def write_batch(ctx: BatchContext, items: list[Item]) -> Verdict:
             _fail(ctx, item, "poison", str(exc), i, retry)
             continue
         episode_id = payload.episode_id or episode_id_for(item.job_id)
+        if payload.episode_id and item.origin.tenant:
+            # A tenant's own ids live in its own space: another tenant cannot take them first.
+            episode_id = f"{item.origin.tenant}:{payload.episode_id}"
         rows.append(episode_row(payload, episode_id=episode_id, tenant=item.origin.tenant))
         rows_ids.append(episode_id)
         where.append(i)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,12 @@ from fastapi.staticfiles import StaticFiles
 
 from workers import settings
 from workers.gateway import openapi
-from workers.gateway.middleware import BodyLimit, BodyTooLarge, Correlation
+from workers.gateway.middleware import (
+    BodyLimit,
+    BodyTooLarge,
+    Correlation,
+    RedactQuerySecrets,
+)
 from workers.gateway.responses import ApiError, error_response, install_error_handlers
 from workers.gateway.routes import dead_letters, events, health, jobs, logs
 from workers.gateway.state import Gateway
@@ -34,6 +40,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     spec = settings.check_gateway()  # a malformed setting stops the start, naming it
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactQuerySecrets())
     app = FastAPI(
         title="Conveyor gateway",
         version="1",

@@ -77,7 +77,13 @@ class Tokens:
         """The caller a token stands for; 401 when forged, malformed or expired, 403 when it
         is for another job."""
         body, _, mac = token.partition(".")
-        if not body or not mac or not hmac.compare_digest(mac, self._mac(body)):
+        if (
+            not body
+            or not mac
+            or not hmac.compare_digest(
+                mac.encode("utf-8", "surrogatepass"), self._mac(body).encode()
+            )
+        ):
             raise ApiError(401, "the token is not valid", headers=_challenge())
         try:
             claims = json.loads(_unb64(body))
@@ -92,7 +98,8 @@ class Tokens:
         return Caller(tenant=tenant, key_id=f"token:{scope[:8]}", job_scope=scope)
 
     def _mac(self, body: str) -> str:
-        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+        raw = body.encode("utf-8", "surrogatepass")
+        return _b64(hmac.new(self._secret, raw, hashlib.sha256).digest())
 
 
 def _challenge() -> dict[str, str]:

@@ -8,6 +8,7 @@ well-formed, else a new trace is started. Both go with every job the request sub
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import uuid
@@ -73,6 +74,20 @@ class Correlation:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+_SECRET_IN_QUERY = re.compile(r"((?:token|api_key)=)[^&\s\"]+")
+
+
+class RedactQuerySecrets(logging.Filter):
+    """uvicorn logs a WebSocket's path with its query ("WebSocket /api/v1/ws?token=…"):
+    tokens never reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message or "api_key=" in message:
+            record.msg, record.args = _SECRET_IN_QUERY.sub(r"\1***", message), ()
+        return True
 
 
 class BodyTooLarge(Exception):

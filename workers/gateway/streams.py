@@ -72,9 +72,9 @@ class Feed:
         self._suspect = False
         self.followers: dict[str, Follower] = {}
         self.components: set[str] = set()
-        #: job id -> the last seq this client got from a firehose: following that job later
-        #: starts after it, so no event reaches one connection twice.
-        self._fired: dict[str, int] = {}
+        #: job id -> (first, last) seq this client got from a firehose: following that job
+        #: later replays the rest, not those, so no event reaches one connection twice.
+        self._fired: dict[str, tuple[int, int]] = {}
 
     # -- fed by the hub ----------------------------------------------------------------------
 
@@ -92,13 +92,13 @@ class Feed:
 
     async def follow(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
         """Start following a job; what its stream holds after ``after_seq``, to send first."""
-        after_seq = max(after_seq, self._fired.pop(job_id, 0))
+        low, high = self._fired.pop(job_id, (0, -1))
         follower = self.followers[job_id] = Follower(job_id, after_seq)
         if not await self.hub.watch(job_id, self):
             self._suspect = True  # not confirmed: read the stream at every quiet spell
         replayed = follower.replay(await self.hub.history(job_id))
         self._end_if_done(job_id, follower)
-        return replayed
+        return [e for e in replayed if not low <= int(e.get("seq", 0)) <= high]
 
     async def unfollow(self, job_id: str) -> None:
         if self.followers.pop(job_id, None) is not None:
@@ -156,11 +156,12 @@ class Feed:
             if not self._wants(event):
                 return []
             seq = int(event.get("seq", 0))
-            if seq <= self._fired.get(job_id, 0):
+            first, last = self._fired.get(job_id, (seq, 0))
+            if seq <= last:
                 return []  # the pattern and a channel both carried it
             if len(self._fired) > 10_000:
                 self._fired.clear()
-            self._fired[job_id] = seq
+            self._fired[job_id] = (min(first, seq), seq)
             return [event]
         out = follower.live(event)
         if follower.missing:  # the live feed skipped some: the stream has them
@@ -336,8 +337,10 @@ class EventHub:
         while True:
             try:
                 await self._subscribed.wait()
-                if self._pubsub.connection is None:  # no subscription made yet, or none left
-                    await asyncio.sleep(0.05)
+                if self._pubsub.connection is None:
+                    if self._jobs or self._firehose:  # lost, and a resubscribe failed
+                        raise ConnectionError("the pub/sub connection is not up")
+                    await asyncio.sleep(0.05)  # no subscription made yet, or none left
                     continue
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1

@@ -176,6 +176,7 @@ def query_episodes(
     search: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    exact_tenant: bool = False,
 ) -> EpisodePage:
     """Episodes newest first (by ``timestamp``, then id), at most ``limit`` (1-1000) a page;
     only ``tenant``'s when given (None: every tenant's, the operator's view).
@@ -192,6 +193,9 @@ def query_episodes(
             f"search must be at most {MAX_SEARCH_WORDS} words and {MAX_SEARCH_CHARS} characters"
         )
     conditions = []
+    if exact_tenant:  # None means no tenant's, not every tenant's
+        conditions.append(_c.tenant.is_not_distinct_from(tenant))
+        tenant = None
     for column, value in (
         (_c.tenant, tenant),
         (_c.user_id, user_id),
@@ -315,6 +319,7 @@ def recent_episodes(
     *,
     count_tokens: Callable[[str], int],
     status: str | None = "success",
+    tenant: str | None = None,
 ) -> list[dict[str, Any]]:
     """The session's last ``n`` episodes that fit in ``token_budget``, oldest first (the order
     to prepend them as context).
@@ -322,11 +327,20 @@ def recent_episodes(
     Counting back from the newest, an episode costs ``count_tokens(prompt) +
     count_tokens(response)``; recall stops at the first one that would overrun the budget, so
     what comes back is always the most recent stretch of the conversation, never one with a
-    gap. Only episodes with ``status`` (default ``success``; None for any) are recalled.
+    gap. Only episodes with ``status`` (default ``success``; None for any) are recalled, and
+    only ``tenant``'s (None: those of no tenant), so one tenant's conversation never becomes
+    another's context.
     """
     if n <= 0 or token_budget <= 0:
         return []
-    page = query_episodes(engine, session_id=session_id, status=status, limit=min(n, 1000))
+    page = query_episodes(
+        engine,
+        session_id=session_id,
+        status=status,
+        limit=min(n, 1000),
+        tenant=tenant,
+        exact_tenant=True,
+    )
     chosen: list[dict[str, Any]] = []
     spent = 0
     for episode in page.episodes:

@@ -41,7 +41,7 @@ def _caller(gw: Gateway, headers: Any, job_id: str | None, token: str | None, ke
 def _after_seq(last_event_id: str | None, from_seq: int | None) -> int:
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
-        if not text.isdigit() or len(text) > 18:
+        if not text.isascii() or not text.isdigit() or len(text) > 18:
             raise ApiError(
                 400,
                 "Last-Event-ID must be the seq of an event (a whole number)",
@@ -88,16 +88,16 @@ async def job_events(
     feed = Feed(gw.hub, caller.tenant, gw.spec.client_buffer, refill=True)
     try:
         first = await feed.follow(job_id, after)
+        if not first:
+            ended = await _ended(gw, job_id, after)
+            if ended is not None:
+                await feed.close()
+                if not ended:
+                    return Response(status_code=204)
+                first = ended
     except BaseException:
-        await feed.close()
+        await _close(feed)  # a failure here must not leave the subscription behind
         raise
-    if not first and job_id in feed.followers:
-        ended = await _ended(gw, job_id, after)
-        if ended is not None:
-            await feed.close()
-            if not ended:
-                return Response(status_code=204)
-            first = ended
     return StreamingResponse(
         _stream(feed, job_id, first, gw.spec.keepalive_s),
         media_type="text/event-stream",
@@ -147,14 +147,13 @@ async def _stream(
 @router.websocket("/ws")
 async def events_socket(
     websocket: WebSocket,
-    api_key: str | None = Query(None),
     token: str | None = Query(None),
     job_id: str | None = Query(None),
 ) -> None:
     """One connection, many jobs and components; the protocol is in docs/gateway.md."""
     gw: Gateway = websocket.app.state.gateway
     try:
-        caller = _caller(gw, websocket.headers, job_id, token, api_key)
+        caller = _caller(gw, websocket.headers, job_id, token, None)
     except ApiError as exc:
         await websocket.close(code=4401 if exc.status == 401 else 4403, reason=exc.message)
         return
@@ -186,7 +185,11 @@ async def events_socket(
             except (ValueError, KeyError):
                 await send([_problem('send JSON objects: {"op": "subscribe", ...}')])
                 continue
-            await send(await _handle(gw, caller, feed, message))
+            try:
+                answer = await _handle(gw, caller, feed, message)
+            except (OSError, RedisError):
+                answer = [_problem("Redis is unreachable; subscribe again in a moment")]
+            await send(answer)
     except WebSocketDisconnect:
         pass
     finally:

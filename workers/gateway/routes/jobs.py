@@ -180,6 +180,24 @@ def created(gw: Gateway, caller: Caller, job: Job) -> dict[str, Any]:
     }
 
 
+#: What a tenant may submit. The other public tasks are the operator's (``maintenance.*``
+#: housekeeping runs over every tenant's data: retention deletes episodes, the reconciler and
+#: the dead-letter flush act on everyone's rows); the operator (dev mode without keys) may send
+#: any of them.
+TENANT_TASKS = frozenset(
+    {"ai.generate", "ai.chat", "ai.code", "ai.analyze", "n8n.execute", "episodes.record"}
+    | {"maintenance.ping"}
+)
+
+
+def check_allowed(caller: Caller, task: str) -> None:
+    if caller.tenant is not None and task not in TENANT_TASKS and task in SCHEMAS:
+        raise ApiError(
+            403,
+            f"{task} is an operator's task; a tenant may submit " + ", ".join(sorted(TENANT_TASKS)),
+        )
+
+
 async def submit_one(
     request: Request,
     caller: Caller,
@@ -192,6 +210,7 @@ async def submit_one(
     gw = gateway_of(request)
     key = idempotency_key(request)
     schema_for(task)
+    check_allowed(caller, task)
     await run_in_threadpool(gw.limit.charge, caller.key_id, 1)
     try:
         job = await run_in_threadpool(
@@ -309,6 +328,10 @@ async def submit_batch(request: Request, body: BatchRequest, caller: ApiCaller) 
             problems += [f"body: jobs.{index}.payload: {p}" for p in exc.problems]
         except KeyError as exc:  # UnknownTaskError
             problems.append(f"body: jobs.{index}.task: {exc}")
+    if problems:
+        raise ApiError(400, "invalid jobs in the batch; nothing was enqueued", problems=problems)
+    for item in body.jobs:
+        check_allowed(caller, item.task)
     if problems:
         raise ApiError(400, "invalid jobs in the batch; nothing was enqueued", problems=problems)
     await run_in_threadpool(gw.limit.charge, caller.key_id, len(body.jobs))
