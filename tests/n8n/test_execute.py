@@ -469,7 +469,8 @@ def test_a_worker_killed_while_following_is_followed_to_the_end_by_another(
     workers, n8n_server, submitter, redis_client, engine, unique
 ):
     purge(redis_client, "n8n")
-    env = n8n_env(n8n_server.url, **FAST_REDELIVERY)
+    # CONVEYOR_LOG_JOBS: the second worker's log says it took the job over.
+    env = n8n_env(n8n_server.url, **FAST_REDELIVERY, CONVEYOR_LOG_JOBS="1")
     first = workers.start("n8n", env=env)
     path = path_for(unique, "survive")
     n8n_server.add_async(path, {"survived": True}, queued_s=0.2, run_s=5.0)
